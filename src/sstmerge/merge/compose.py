@@ -1,0 +1,115 @@
+"""Compose utility adapters and the (projected) safety adapter into one exact LoRA adapter."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .._logging import quiet
+from ..errors import AdapterMismatchError
+from ..io.adapter import LoraAdapter, LoraModule
+from ..io.models import BaseModelInfo
+from ..linalg.lowrank import concat_lora, pad_rank, truncate_lora
+
+log = logging.getLogger(__name__)
+
+
+def utility_coefficients(n: int, scheme: str, weights: Sequence[float] | None) -> list[float]:
+    """``c_i``: 1 (``sum``) or 1/n (``average``), times the per-adapter weight if given."""
+    if weights is not None and len(weights) != n:
+        raise AdapterMismatchError(
+            f"utility_weights has {len(weights)} values but {n} utility adapters were given; pass one weight per adapter"
+        )
+    base = 1.0 if scheme == "sum" else 1.0 / max(n, 1)
+    return [base * (weights[i] if weights is not None else 1.0) for i in range(n)]
+
+
+def compose_adapters(
+    utility: Sequence[LoraAdapter],
+    coefficients: Sequence[float],
+    safety: LoraAdapter | None,
+    safety_weights: dict[str, float],
+    *,
+    base: BaseModelInfo | None = None,
+    recompress_rank: int | None = None,
+) -> tuple[LoraAdapter, dict]:
+    """``ΔW^m = Σ_i c_i ΔW_Ui^m + w^m ΔW_S^m`` for the union of modules, as one LoRA adapter.
+
+    Each module becomes ``A = [c_1 s_1 A_1; …; w s_S A_S]``, ``B = [B_1 … B_S]`` (scale 1), an adapter
+    missing the module contributes zero (listed in the report). All modules are then zero-padded to one
+    common rank (or recompressed to ``recompress_rank`` by truncated SVD, with the relative Frobenius error
+    per module) so the output is a plain PEFT config without rank patterns.
+
+    Full-tensor entries (``modules_to_save``) are merged as differences from the base weight:
+    ``W = W_base + Σ_i c_i (W_i − W_base) + w (W_S − W_base)``; this needs ``base``.
+
+    Returns the merged adapter and a per-module report.
+    """
+    sources: list[tuple[str, LoraAdapter, float | None]] = [(f"utility[{i}]", a, c) for i, (a, c) in enumerate(zip(utility, coefficients))]
+    if safety is not None:
+        sources.append(("safety", safety, None))
+    names = sorted({m for _, a, _ in sources for m in a.modules})
+    merged_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    report: dict[str, dict] = {}
+    for module in tqdm(names, desc="compose", unit="module", disable=quiet(), leave=False):
+        terms, present, absent = [], [], []
+        for label, adapter, coef in sources:
+            lm: LoraModule | None = adapter.modules.get(module)
+            if lm is None:
+                absent.append(label)
+                continue
+            weight = safety_weights.get(module, 0.0) if coef is None else coef
+            present.append(label)
+            if weight != 0.0:
+                terms.append((weight * lm.scale, lm.A, lm.B))
+        entry: dict = {"present_in": present, "absent_in": absent}
+        if "safety" in present:
+            entry["safety_weight"] = safety_weights.get(module, 0.0)
+        if not terms:  # every contribution has weight 0: the module's update is exactly zero
+            lm0 = next(a.modules[module] for _, a, _ in sources if module in a.modules)
+            terms = [(0.0, lm0.A[:1], lm0.B[:, :1])]
+        A, B = concat_lora(terms)
+        entry["rank_concat"] = int(A.shape[0])
+        if recompress_rank is not None:
+            A, B, err = truncate_lora(A, B, recompress_rank)
+            entry["recompression_rel_error"] = err
+        merged_pairs[module] = (A, B)
+        report[module] = entry
+    partial = [m for m, e in report.items() if e["absent_in"]]
+    if partial:
+        log.info("%d of %d modules are missing from some adapters (they contribute zero there; see report)", len(partial), len(names))
+
+    rank = max((a.shape[0] for a, _ in merged_pairs.values()), default=0)
+    modules = {}
+    for module, (A, B) in merged_pairs.items():
+        A, B = pad_rank(A, B, rank)
+        modules[module] = LoraModule(A=A, B=B, scale=1.0)
+
+    full = _merge_full_tensors(sources, safety_weights, base)
+    for key in full:
+        report[key] = {"full_tensor": True, "present_in": [lbl for lbl, a, _ in sources if key in a.full_tensors]}
+    merged = LoraAdapter(modules=modules, full_tensors=full, config={"r": rank, "lora_alpha": rank})
+    return merged, report
+
+
+def _merge_full_tensors(sources, safety_weights: dict[str, float], base: BaseModelInfo | None) -> dict[str, torch.Tensor]:
+    keys = sorted({k for _, a, _ in sources for k in a.full_tensors})
+    if not keys:
+        return {}
+    if base is None:
+        raise AdapterMismatchError(
+            f"full-tensor entries {keys} (modules_to_save) are merged as differences from the base weight; pass the base model"
+        )
+    out = {}
+    for key in keys:
+        w_base = base.load_parameter(key).to(torch.float64)
+        total = w_base.clone()
+        for _, adapter, coef in sources:
+            if key in adapter.full_tensors:
+                weight = safety_weights.get(key, 0.0) if coef is None else coef
+                total += weight * (adapter.full_tensors[key].to(torch.float64) - w_base)
+        out[key] = total.to(torch.float32)
+    return out

@@ -1,0 +1,102 @@
+"""Merge options (pydantic). The CLI flags and the YAML config keys are generated from these fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import ConfigError
+from ..registry import did_you_mean
+
+
+class MergeOptions(BaseModel):
+    """How to merge (independent of which files are merged)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    mode: str = Field("direct", description="merge method (see `sst-merge methods`): direct, ...")
+    safety_weight: float = Field(1.0, description="global weight w of the safety adapter; -1 negates it")
+    utility_coefficients: Literal["sum", "average"] = Field(
+        "sum", description="utility coefficients c_i: 'sum' (c_i = 1) or 'average' (c_i = 1/n)"
+    )
+    utility_weights: list[float] | None = Field(
+        None, description="per-utility-adapter weights, multiplied into c_i (one per --utility, same order)"
+    )
+    k: int = Field(10, ge=1, description="dimension of the safety subspace (residual/layerwise modes)")
+    residual_ratio: float = Field(
+        0.7, ge=0.0, le=1.0, description="residual mode: φ' = (1-r)·Pφ + r·φ; 1 = direct, 0 = full projection"
+    )
+    recompress_rank: int | None = Field(
+        None, ge=1, description="recompress every merged module to this rank by truncated SVD (error reported)"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the written adapter")
+
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, value: str) -> str:
+        from .methods import METHODS
+
+        METHODS.get(value)  # raises ConfigError with a did-you-mean
+        return value
+
+
+class MergeConfig(MergeOptions):
+    """Options plus inputs/outputs: the full content of a ``--config`` YAML file."""
+
+    base: str = Field("smollm2", description="base model: a local HF folder or the alias 'smollm2'")
+    utility: list[str] = Field(default_factory=list, description="utility adapter folder(s)")
+    safety: str | None = Field(None, description="safety adapter folder")
+    out: str | None = Field(None, description="output adapter folder (written atomically)")
+    overwrite: bool = Field(False, description="replace --out if it exists")
+    allow_pickle: bool = Field(False, description="allow legacy pickled .pt/.bin adapters (read with weights_only=True)")
+    cache_dir: str | None = Field(None, description="cache folder (converted models, Fisher statistics)")
+
+    def options(self) -> MergeOptions:
+        return MergeOptions(**{k: getattr(self, k) for k in MergeOptions.model_fields})
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One readable line per problem, with did-you-mean for unknown keys."""
+    lines = []
+    fields = list(MergeConfig.model_fields)
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key {loc!r}.{did_you_mean(loc, fields)} Valid keys: {', '.join(fields)}")
+        else:
+            lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+    return f"{source}: " + "; ".join(lines)
+
+
+def build_config(values: dict, source: str = "options") -> MergeConfig:
+    """Validate a dict of options into a :class:`MergeConfig`, raising :class:`ConfigError`."""
+    try:
+        return MergeConfig(**values)
+    except ValidationError as exc:
+        # a ConfigError raised inside a validator (unknown mode) arrives wrapped: surface its message
+        for err in exc.errors():
+            ctx_error = (err.get("ctx") or {}).get("error")
+            if isinstance(ctx_error, ConfigError):
+                raise ConfigError(f"{source}: {ctx_error}") from None
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a YAML merge config into a dict (validated later, merged with CLI flags)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of keys to values, got {type(data).__name__}")
+    if isinstance(data.get("utility"), str):
+        data["utility"] = [data["utility"]]
+    return data

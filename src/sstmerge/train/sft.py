@@ -1,0 +1,226 @@
+"""Minimal LoRA supervised fine-tuning on CPU (PEFT), used to build the demo utility / safety adapters.
+
+This is deliberately small and deterministic: AdamW, a fixed number of optimizer steps, mini-batches
+drawn from a seeded permutation of the examples (reshuffled every epoch), and the loss is the mean
+cross-entropy over the *answer* tokens only (labels from :func:`sstmerge.data.chat.encode_example`).
+
+The caller's model is **not** left modified: :func:`train_lora` injects LoRA layers with
+``peft.get_peft_model``, trains, saves the adapter, then ``unload()``\\ s the PEFT wrapper (which puts the
+original ``nn.Linear`` modules back, without merging) and restores every parameter's ``requires_grad``
+flag and the train/eval mode. The same model object can therefore be used to train several adapters in a
+row (e.g. utility, then safety) or be evaluated afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..data.chat import collate, encode_example, pad_id
+from ..data.examples import Example
+from ..errors import DataError, ModelError
+from ..io.atomic import atomic_output_dir
+
+__all__ = ["TrainOptions", "train_lora"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TrainOptions(BaseModel):
+    """Options of :func:`train_lora` (unknown keys are rejected)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, gt=0, description="LoRA rank")
+    lora_alpha: float = Field(16, gt=0, description="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1)
+    steps: int = Field(60, gt=0, description="number of optimizer steps")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    batch_size: int = Field(8, gt=0)
+    max_length: int = Field(256, ge=2, description="max tokens per example (prompt truncated from the left)")
+    seed: int = 0
+    weight_decay: float = Field(0.0, ge=0.0)
+    use_rslora: bool = False
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_names(cls, v: list[str]) -> list[str]:
+        if any(not m.strip() for m in v):
+            raise ValueError("target_modules must not contain empty names")
+        return v
+
+
+def _quiet() -> bool:
+    return os.environ.get("SSTMERGE_QUIET", "") == "1" or logger.getEffectiveLevel() > logging.INFO
+
+
+def _mean(xs: list[float]) -> float:
+    return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
+def train_lora(
+    model,
+    tokenizer,
+    examples: list[Example],
+    out_dir: str | os.PathLike,
+    options: TrainOptions,
+    *,
+    base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Train a LoRA adapter on ``examples`` and save it (PEFT format) to ``out_dir``.
+
+    ``model`` is an already-loaded HF causal LM (float32 recommended on CPU). It is wrapped with
+    ``peft.get_peft_model`` for training and **restored afterwards** (LoRA layers unloaded, ``requires_grad``
+    flags and train/eval mode restored), also when training fails. The global torch RNG state is not
+    changed (training runs under ``torch.random.fork_rng``).
+
+    The output folder is written atomically: it holds ``adapter_config.json``,
+    ``adapter_model.safetensors`` and ``train_report.json`` or does not exist. ``base_model_name_or_path``,
+    when given, is recorded in ``adapter_config.json``.
+
+    Raises :class:`DataError` if ``examples`` is empty, :class:`OutputExistsError` if ``out_dir`` exists
+    and not ``overwrite``, :class:`ModelError` if the model cannot take the LoRA layers or the loss
+    becomes non-finite.
+    """
+    import peft
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from tqdm.auto import tqdm
+
+    if not isinstance(options, TrainOptions):
+        options = TrainOptions.model_validate(options)
+    examples = list(examples)
+    if not examples:
+        raise DataError("train_lora got no examples; give at least one prompt/response example")
+    if isinstance(model, PeftModel) or hasattr(model, "peft_config"):
+        raise ModelError("train_lora needs a plain base model, got a model that already carries PEFT adapters")
+
+    encoded = [encode_example(tokenizer, ex, max_length=options.max_length) for ex in examples]
+    pad = pad_id(tokenizer)
+    n = len(encoded)
+    n_answer_tokens = sum(sum(1 for t in e["labels"] if t != -100) for e in encoded)
+
+    params = dict(model.named_parameters())
+    dtypes = {p.dtype for p in params.values()}
+    if dtypes - {torch.float32}:
+        logger.warning("training LoRA on a model with parameter dtypes %s; float32 is recommended on CPU", dtypes)
+    requires_grad = {name: p.requires_grad for name, p in params.items()}
+    was_training = model.training
+
+    lora_config = LoraConfig(
+        r=options.r,
+        lora_alpha=options.lora_alpha,
+        lora_dropout=options.lora_dropout,
+        target_modules=list(options.target_modules),
+        use_rslora=options.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        try:
+            peft_model = get_peft_model(model, lora_config)
+        except ValueError as exc:
+            raise ModelError(
+                f"could not add LoRA layers to {type(model).__name__}: {exc}; "
+                f"check target_modules={list(options.target_modules)}"
+            ) from exc
+        try:
+            losses, seconds = _train_loop(peft_model, encoded, pad, options, tqdm)
+            if base_model_name_or_path is not None:
+                for cfg in peft_model.peft_config.values():
+                    cfg.base_model_name_or_path = base_model_name_or_path
+            # save_embedding_layers=False: we never resize the vocabulary, and "auto" would query the Hub
+            # for base_model_name_or_path's config.json (slow / failing offline).
+            peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
+            k = min(5, len(losses))
+            report = {
+                "options": options.model_dump(mode="json"),
+                "n_examples": n,
+                "n_answer_tokens": n_answer_tokens,
+                "initial_loss": _mean(losses[:k]),
+                "final_loss": _mean(losses[-k:]),
+                "losses": losses,
+                "seconds": round(seconds, 3),
+                "base_model_name_or_path": base_model_name_or_path,
+                "versions": {
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                    "peft": peft.__version__,
+                },
+            }
+            (tmp / "train_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        finally:
+            _restore(peft_model, model, requires_grad, was_training)
+
+    dest = Path(out_dir).expanduser().resolve()
+    logger.info(
+        "saved LoRA adapter to %s (loss %.4f -> %.4f over %d steps, %.1fs)",
+        dest, report["initial_loss"], report["final_loss"], options.steps, seconds,
+    )
+    return dest
+
+
+def _train_loop(peft_model, encoded: list[dict], pad: int, options: TrainOptions, tqdm) -> tuple[list[float], float]:
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
+    gen = torch.Generator().manual_seed(options.seed)
+    n = len(encoded)
+    bs = min(options.batch_size, n)
+
+    def batches():
+        while True:  # one permutation per epoch, cycled until enough steps are done
+            order = torch.randperm(n, generator=gen).tolist()
+            for i in range(0, n, bs):
+                yield [encoded[j] for j in order[i:i + bs]]
+
+    peft_model.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    it = batches()
+    with tqdm(total=options.steps, desc="LoRA SFT", unit="step", disable=_quiet()) as bar:
+        for step in range(options.steps):
+            batch = collate(next(it), pad, padding_side="right")
+            optimizer.zero_grad(set_to_none=True)
+            out = peft_model(**batch, use_cache=False)
+            loss = out.loss
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise ModelError(
+                    f"training loss became non-finite ({value}) at step {step}; lower lr (now {options.lr})"
+                )
+            loss.backward()
+            optimizer.step()
+            losses.append(value)
+            if step == 0:
+                logger.info("LoRA SFT: step 1/%d loss %.4f", options.steps, value)
+            bar.set_postfix(loss=f"{value:.4f}")
+            bar.update(1)
+    seconds = time.perf_counter() - start
+    logger.info("LoRA SFT: step %d/%d loss %.4f", options.steps, options.steps, losses[-1])
+    return losses, seconds
+
+
+def _restore(peft_model, model, requires_grad: dict[str, bool], was_training: bool) -> None:
+    """Remove the LoRA layers from ``model`` and restore its parameter flags and mode."""
+    base = peft_model.unload()  # LoraModel.unload(): original Linear modules back, nothing merged
+    if base is not model:  # pragma: no cover - PEFT injects in place, so this should not happen
+        logger.warning("peft unload returned a different object than the model passed in")
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    for name, p in model.named_parameters():
+        if name in requires_grad:
+            p.requires_grad_(requires_grad[name])
+    model.train(was_training)

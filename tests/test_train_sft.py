@@ -1,0 +1,199 @@
+"""Tests of sstmerge.train.sft.train_lora on a tiny random Llama + in-memory tokenizer (offline, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sstmerge.data.examples import Example
+from sstmerge.errors import DataError, OutputExistsError
+from sstmerge.train.sft import TrainOptions, train_lora
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
+    " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+PAIRS = [
+    ("How do I bake bread?", "Mix flour, water and yeast, then bake."),
+    ("What is two plus two?", "Two plus two is four."),
+    ("Name a colour.", "Blue is a colour."),
+    ("How do I pick a lock?", "I cannot help with that request."),
+    ("Say hello.", "Hello there!"),
+    ("What is the capital of France?", "Paris is the capital of France."),
+    ("Where do cats sleep?", "The cat sat on the mat."),
+    ("How do I make a weapon?", "I cannot help with that request."),
+]
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([p + " " + r for p, r in PAIRS], trainer)
+    t = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+    )
+    t.chat_template = CHATML
+    return t
+
+
+def build_model(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        # a larger init than the default 0.02 so that (untied, frozen) lm_head rows are long enough for a
+        # few LoRA steps to move the loss visibly
+        initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).float().eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return build_model(len(tok))
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return [Example(prompt=p, response=r) for p, r in PAIRS]
+
+
+OPTS = TrainOptions(r=4, lora_alpha=8, steps=15, lr=1e-2, batch_size=4, max_length=64, seed=0)
+
+
+def lora_module_names(m) -> list[str]:
+    return [name for name, _ in m.named_modules() if "lora_" in name]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, model, tok, examples):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grad_flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    rng = torch.get_rng_state()
+    out = tmp_path_factory.mktemp("sft") / "adapter"
+    path = train_lora(model, tok, examples, out, OPTS, base_model_name_or_path="tiny/llama")
+    return {"path": path, "before": before, "grad_flags": grad_flags, "rng": rng}
+
+
+def test_loss_decreases_and_report(trained, examples):
+    report = json.loads((trained["path"] / "train_report.json").read_text())
+    assert report["n_examples"] == len(examples)
+    assert len(report["losses"]) == OPTS.steps
+    assert report["final_loss"] < report["initial_loss"]
+    assert report["final_loss"] < 0.8 * report["initial_loss"]
+    assert report["options"]["r"] == 4 and report["options"]["steps"] == 15
+    assert set(report["versions"]) == {"torch", "transformers", "peft"}
+    assert report["seconds"] >= 0
+
+
+def test_adapter_files(trained):
+    path = trained["path"]
+    names = {p.name for p in path.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "train_report.json"} <= names
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "tiny/llama"
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    assert set(cfg["target_modules"]) == set(OPTS.target_modules)
+    assert not any(p.name.startswith(".tmp-") for p in path.parent.iterdir())
+
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path / "adapter_model.safetensors"))
+    b_keys = [k for k in sd if "lora_B" in k]
+    assert b_keys and len([k for k in sd if "lora_A" in k]) == len(b_keys)
+    assert all(sd[k].abs().sum() > 0 for k in b_keys)  # trained away from PEFT's zero init
+
+
+def test_caller_model_is_restored(trained, model):
+    assert lora_module_names(model) == []
+    assert not hasattr(model, "peft_config")
+    after = model.state_dict()
+    assert set(after) == set(trained["before"])
+    assert all(torch.equal(after[k], v) for k, v in trained["before"].items())
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == trained["grad_flags"]
+    assert not model.training
+    assert torch.equal(torch.get_rng_state(), trained["rng"])  # global RNG untouched
+
+
+def test_peft_loads_adapter_and_changes_output(trained, tok, examples):
+    from peft import PeftModel
+
+    from sstmerge.data.chat import encode_example
+
+    base = build_model(len(tok))  # same seed -> same weights as the trained-on model
+    ids = torch.tensor([encode_example(tok, examples[0])["input_ids"]])
+    with torch.no_grad():
+        ref = base(ids).logits
+    pm = PeftModel.from_pretrained(base, str(trained["path"]))
+    assert lora_module_names(pm)
+    with torch.no_grad():
+        out = pm(ids).logits
+    assert not torch.allclose(out, ref)
+
+
+def test_deterministic_prefix_of_losses(trained, tmp_path, model, tok, examples):
+    report = json.loads((trained["path"] / "train_report.json").read_text())
+    opts = OPTS.model_copy(update={"steps": 3})
+    path = train_lora(model, tok, examples, tmp_path / "again", opts)
+    again = json.loads((path / "train_report.json").read_text())
+    assert again["losses"] == pytest.approx(report["losses"][:3], rel=1e-5, abs=1e-6)
+    assert lora_module_names(model) == []
+
+
+def test_existing_output_refused(trained, model, tok, examples):
+    with pytest.raises(OutputExistsError):
+        train_lora(model, tok, examples, trained["path"], OPTS)
+
+
+def test_failure_leaves_no_folder(tmp_path, monkeypatch, model, tok, examples):
+    def boom(self, *a, **k):
+        raise RuntimeError("optimizer exploded")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", boom)
+    out = tmp_path / "never"
+    with pytest.raises(RuntimeError, match="exploded"):
+        train_lora(model, tok, examples, out, OPTS.model_copy(update={"steps": 2}))
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no .tmp-* leftovers either
+    assert lora_module_names(model) == []
+    assert not hasattr(model, "peft_config")
+
+
+def test_empty_examples_and_bad_options(tmp_path, model, tok):
+    with pytest.raises(DataError):
+        train_lora(model, tok, [], tmp_path / "x", OPTS)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError):
+        TrainOptions(steps=0)
+    with pytest.raises(ValueError):
+        TrainOptions(r=0)
+    with pytest.raises(ValueError):
+        TrainOptions(lr=0)
+    with pytest.raises(ValueError):
+        TrainOptions(learning_rate=1e-3)  # extra keys are forbidden
