@@ -1,0 +1,63 @@
+"""Real-model tests on the bundled SmolLM2-135M-Instruct (alias ``smollm2``). Run with ``pytest -m slow``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sstmerge import merge_utility_safety
+from sstmerge.io.models import load_causal_lm, resolve_base
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir():
+    return resolve_base("smollm2")  # converts once into the user cache, then reuses it
+
+
+def random_adapter(model_dir, out, targets, seed, r=4):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, task_type="CAUSAL_LM"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def test_two_adapters_merge_and_generate(smollm2_dir, tmp_path):
+    from peft import PeftModel
+
+    u = random_adapter(smollm2_dir, tmp_path / "utility", ["q_proj", "v_proj", "up_proj"], seed=1)
+    s = random_adapter(smollm2_dir, tmp_path / "safety", ["q_proj", "k_proj", "o_proj", "down_proj"], seed=2)
+    out = tmp_path / "merged"
+    result = merge_utility_safety("smollm2", [u], s, out, safety_weight=0.5)
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["inputs"]["base"]["spec"] == "smollm2" and report["output"]["n_modules"] == 30 * 6
+
+    base, tok = load_causal_lm("smollm2")
+    merged = PeftModel.from_pretrained(base, str(out)).eval()
+    # exactness on a real module: PEFT's merged weight = W0 + ΔW_U + 0.5 ΔW_S
+    name = "model.layers.5.self_attn.q_proj"
+    W0 = merged.get_base_model().get_submodule(name).base_layer.weight.detach().double()
+    W = W0 + merged.get_base_model().get_submodule(name).get_delta_weight("default").double()
+    from sstmerge import read_adapter
+
+    expected = W0 + read_adapter(u).modules[name].delta() + 0.5 * read_adapter(s).modules[name].delta()
+    torch.testing.assert_close(W, expected, atol=1e-5, rtol=1e-5)
+    assert result.adapter.modules[name].rank == 8
+
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}], add_generation_prompt=True, tokenize=False)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out_ids = merged.generate(**ids, max_new_tokens=20, do_sample=False)
+    text = tok.decode(out_ids[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert len(text.strip()) > 0
