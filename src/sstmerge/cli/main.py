@@ -185,6 +185,28 @@ def tiny_model(out: str, seed: int) -> None:
     click.echo(str(Path(out).resolve()))
 
 
+@cli.command()
+@click.option("--base", default="smollm2", show_default=True, help="base model: alias or local HF folder")
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--steps", default=30, show_default=True, help="training steps per adapter")
+@click.option("--eval-samples", default=24, show_default=True, help="held-out prompts per eval set")
+@click.option("--safety-weight", default=1.0, show_default=True)
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False))
+def demo(base: str, out: str, steps: int, eval_samples: int, safety_weight: float, cache_dir: str | None) -> None:
+    """Main job on the embedded default: train utility + safety LoRAs on the bundled data, merge, evaluate.
+
+    Resumable: finished stages in OUT are reused."""
+    from ..pipeline.demo import DemoOptions, run_demo, summary_table
+
+    try:
+        summary = run_demo(DemoOptions(base=base, out=out, steps=steps, eval_samples=eval_samples,
+                                       safety_weight=safety_weight, cache_dir=cache_dir))
+    except SSTMergeError as exc:
+        _fail(exc)
+    click.echo(summary_table(summary))
+    click.echo(f"details: {Path(out) / 'demo_summary.json'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = expand_greedy(list(sys.argv[1:] if argv is None else argv))
     cli.main(args=args, prog_name="sst-merge")
