@@ -80,3 +80,13 @@ def adapter_factory(tiny_base, tmp_path):
         return make_adapter(tiny_base, tmp_path / f"adapter{counter['n']}", **kwargs)
 
     return factory
+
+
+# Hypothesis: derandomized on CI (reproducible), random exploration locally.
+import os as _os
+
+from hypothesis import settings as _hsettings
+
+_hsettings.register_profile("ci", derandomize=True, deadline=None)
+if _os.environ.get("CI"):
+    _hsettings.load_profile("ci")

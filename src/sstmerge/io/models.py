@@ -180,6 +180,43 @@ def load_causal_lm(spec: str | Path, cache_dir: str | Path | None = None, dtype:
     return model, tokenizer
 
 
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
+    " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 320):
+    """A small byte-level BPE tokenizer with a ChatML chat template (SmolLM2's format), built offline.
+
+    Trained on ``corpus`` (default: the bundled JSONL prompts and responses), so any text is encodable
+    (byte fallback) and the bundled data gets short sequences.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if corpus is None:
+        from ..data.jsonl import BUNDLED_NAMES, bundled_path, load_examples
+
+        corpus = [t for name in BUNDLED_NAMES for e in load_examples(bundled_path(name)) for t in (e.prompt or "", e.answer())]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
 def build_tiny_llama(
     out_dir: str | Path | None = None,
     *,
@@ -191,12 +228,18 @@ def build_tiny_llama(
     num_attention_heads: int = 4,
     num_key_value_heads: int = 2,
     tie_word_embeddings: bool = False,
+    with_tokenizer: bool = True,
 ):
     """A tiny random ``LlamaForCausalLM`` (same module names as Llama/SmolLM2) for tests and examples.
 
-    Saved as an HF folder when ``out_dir`` is given (returns the path), else returned as a model.
+    Saved as an HF folder when ``out_dir`` is given (returns the path; with ``with_tokenizer`` also a
+    small ChatML tokenizer, see :func:`build_tiny_tokenizer`), else returned as a model.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer() if (out_dir is not None and with_tokenizer) else None
+    if tokenizer is not None:
+        vocab_size = max(vocab_size, len(tokenizer))
 
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -214,4 +257,6 @@ def build_tiny_llama(
         return model
     out = Path(out_dir)
     model.save_pretrained(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
     return out

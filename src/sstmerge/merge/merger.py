@@ -19,10 +19,13 @@ from ..io.atomic import atomic_output_dir
 from ..io.hashing import model_files, sha256_file, sha256_files
 from ..io.models import BaseModelInfo, load_base_info
 from ..io.validate import validate_against_base, validate_consistent
+from ..data.jsonl import load_examples, resolve_data
+from ..fisher.run import compute_fisher
 from .compose import compose_adapters, utility_coefficients
+from .tables import PRESETS, WEIGHT_TABLES, load_table
 from .methods import METHODS
 from .options import MergeConfig, MergeOptions, build_config
-from .report import now_iso, summary_text, versions, write_report_files
+from .report import now_iso, plot_spectrum, summary_text, versions, write_report_files
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,20 @@ class SSTMerger:
             self._base = load_base_info(self.base_spec, self.cache_dir)
         return self._base
 
+    @staticmethod
+    def _validate_fisher_inputs(opts: MergeOptions, base: BaseModelInfo | None, safety: LoraAdapter | None) -> None:
+        """Everything a Fisher-based mode needs, checked before any model runs."""
+        if safety is None:
+            raise ConfigError(f"mode {opts.mode!r} projects the safety adapter: pass --safety")
+        if base is None:
+            raise ConfigError(f"mode {opts.mode!r} runs the base model for the Fisher: pass --base")
+        if not safety.modules:
+            raise AdapterMismatchError(f"{safety.name}: the safety adapter has no LoRA modules to project")
+        load_examples(resolve_data(opts.harmful_data), max_samples=opts.max_samples, seed=opts.seed)
+        load_examples(resolve_data(opts.benign_data), max_samples=opts.max_samples, seed=opts.seed)
+        if opts.mode == "layerwise":
+            load_table(opts.preset, PRESETS, lo=0.0, hi=1.0)
+
     def merge(
         self,
         utility: Sequence[LoraAdapter | str | Path],
@@ -150,13 +167,21 @@ class SSTMerger:
             else:
                 log.warning("no base model given: shapes are only checked between the adapters")
                 validate_consistent(everything)
-            if safety_adapter is not None and opts.mode != "direct" and not safety_adapter.modules:
-                raise AdapterMismatchError(f"{safety_adapter.name}: the safety adapter has no LoRA modules to project")
+            if method.needs_fisher:
+                self._validate_fisher_inputs(opts, base, safety_adapter)
+            if opts.layer_weights is not None:
+                load_table(opts.layer_weights, WEIGHT_TABLES)
         coefficients = utility_coefficients(len(utility_adapters), opts.utility_coefficients, opts.utility_weights)
         method_report: dict[str, Any] = {}
+        def fisher_provider():
+            with timer.stage("fisher"):
+                return compute_fisher(base, utility_adapters, coefficients, safety_adapter, opts.fisher_settings(),
+                                      self.cache_dir)
+
         with timer.stage("plan_safety"):
             if safety_adapter is not None:
-                plan = method.plan_safety(safety_adapter, opts, {"base": base, "utility": utility_adapters, "merger": self})
+                context = {"base": base, "utility": utility_adapters, "fisher": fisher_provider}
+                plan = method.plan_safety(safety_adapter, opts, context)
                 safety_used, weights, method_report = plan.safety, plan.weights, plan.report
             else:
                 safety_used, weights = None, {}
@@ -219,6 +244,9 @@ def save_merged_adapter(result: MergeResult, out: str | Path, *, overwrite: bool
         }
         result.report["config"]["out"] = str(Path(out).expanduser().resolve())
         write_report_files(tmp, result.report)
+        if result.report["method"].get("eigenvalues"):
+            plot_spectrum(result.report["method"]["eigenvalues"], tmp / "spectrum.png",
+                          title=f"{result.report['method']['estimator']} Fisher, k={result.report['method']['k_requested']}")
     final = Path(out).expanduser().resolve()
     log.info("wrote merged adapter to %s (rank %s)", final, result.report["output"]["rank"])
     return final

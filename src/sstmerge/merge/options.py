@@ -33,6 +33,25 @@ class MergeOptions(BaseModel):
         None, ge=1, description="recompress every merged module to this rank by truncated SVD (error reported)"
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the written adapter")
+    preset: str = Field(
+        "balanced", description="layerwise mode: projection strengths per module type (safety_first, balanced, "
+        "utility_first, minimal) or a YAML file {q_proj: 0.3, ..., default: 0.5}",
+    )
+    layer_weights: str | None = Field(
+        None, description="per-module safety weights: 'v3' (lm_head 3, attention 1, MLP 0.3) or a YAML file; "
+        "multiplied by safety_weight",
+    )
+    fisher: Literal["empirical", "diagonal"] = Field(
+        "empirical", description="Fisher estimator: empirical (exact low-rank) or diagonal (a coordinate mask)"
+    )
+    scope: Literal["global", "per_module"] = Field("global", description="one subspace over all modules, or one per module")
+    clamp_k: bool = Field(False, description="if k exceeds the available rank, use the rank (recorded) instead of failing")
+    damping: float = Field(1e-3, gt=0, description="relative damping ε: δ = ε · tr(F_benign) / D")
+    harmful_data: str = Field("bundled:harmful_train", description="Fisher: JSONL of harmful prompts with refusals")
+    benign_data: str = Field("bundled:benign_train", description="Fisher: JSONL of benign task examples")
+    max_samples: int | None = Field(64, ge=1, description="Fisher: at most N examples per data file (seeded)")
+    seed: int = Field(0, description="Fisher: sampling seed")
+    max_length: int = Field(256, ge=2, description="Fisher: max tokens per example")
 
     @field_validator("mode")
     @classmethod
@@ -41,6 +60,12 @@ class MergeOptions(BaseModel):
 
         METHODS.get(value)  # raises ConfigError with a did-you-mean
         return value
+
+    def fisher_settings(self):
+        from ..fisher.run import FisherSettings
+
+        return FisherSettings(harmful_data=self.harmful_data, benign_data=self.benign_data,
+                              max_samples=self.max_samples, seed=self.seed, max_length=self.max_length)
 
 
 class MergeConfig(MergeOptions):

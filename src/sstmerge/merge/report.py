@@ -42,6 +42,23 @@ def summary_text(report: dict[str, Any]) -> str:
     s = report["inputs"].get("safety")
     if s:
         lines.append(f"safety:  {s['path']}  ({s['n_modules']} modules, ranks {s['ranks']})")
+    m = report.get("method", {})
+    if m.get("eigenvalues"):
+        lines.append(f"Fisher: {m['estimator']}, scope {m['scope']}, k requested {m['k_requested']}, damping ε {m['damping_eps']}")
+        f = m.get("fisher", {})
+        lines.append(f"  samples: {f.get('n_harm')} harmful, {f.get('n_benign')} benign; cache hit: {f.get('cache_hit')}  ({f.get('folder', '')})")
+        for scope, ev in list(m["eigenvalues"].items())[:8]:
+            top = ", ".join(f"{x:.3g}" for x in ev[:6])
+            lines.append(f"  {scope}: effective k {m['effective_k'][scope]} of {m['available_rank'][scope]} available; top λ: {top}")
+        if len(m["eigenvalues"]) > 8:
+            lines.append(f"  ... {len(m['eigenvalues']) - 8} more scopes in merge_report.json")
+        lines.append(f"  share of ‖φ‖ kept by the projection: {m['projection_norm_kept_total']:.3f}")
+        if m.get("residual_ratio") is not None:
+            lines.append(f"  residual_ratio: {m['residual_ratio']}")
+        if m.get("preset"):
+            lines.append(f"  preset: {m['preset']} {m['strengths']}")
+    if m.get("layer_weights"):
+        lines.append(f"layer weights: {m['layer_weights']}")
     out = report.get("output", {})
     lines.append(f"output rank: {out.get('rank')}   modules: {out.get('n_modules')}   partial modules: {out.get('n_partial_modules')}")
     if out.get("max_recompression_rel_error") is not None:
@@ -60,3 +77,25 @@ def write_report_files(folder: Path, report: dict[str, Any]) -> None:
         + yaml.safe_dump({k: v for k, v in report["config"].items() if k not in ("out", "overwrite")}, sort_keys=False),
         encoding="utf-8",
     )
+
+
+def plot_spectrum(eigenvalues: dict[str, list[float]], path: Path, title: str = "") -> None:
+    """Generalized eigenvalues per scope (log scale, descending) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for scope, ev in list(eigenvalues.items())[:12]:
+        ev = [x for x in ev if x > 0]
+        if ev:
+            ax.semilogy(range(1, len(ev) + 1), ev, marker="o", ms=3, label=scope.replace("model.layers.", "L"))
+    ax.set_xlabel("index (descending)")
+    ax.set_ylabel("λ  (F_harm v = λ (F_benign + δI) v)")
+    ax.set_title(title or "safety-subspace spectrum")
+    if len(eigenvalues) <= 12:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
