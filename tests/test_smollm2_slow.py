@@ -61,3 +61,21 @@ def test_two_adapters_merge_and_generate(smollm2_dir, tmp_path):
         out_ids = merged.generate(**ids, max_new_tokens=20, do_sample=False)
     text = tok.decode(out_ids[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert len(text.strip()) > 0
+
+
+def test_residual_merge_end_to_end_reuses_fisher(smollm2_dir, tmp_path):
+    u = random_adapter(smollm2_dir, tmp_path / "utility", ["q_proj", "v_proj"], seed=3)
+    s = random_adapter(smollm2_dir, tmp_path / "safety", ["q_proj", "k_proj", "o_proj", "down_proj"], seed=4)
+    common = dict(mode="residual", residual_ratio=0.3, max_samples=12, cache_dir=tmp_path / "cache")
+    first = merge_utility_safety("smollm2", [u], s, tmp_path / "k8", k=8, **common)
+    m1 = first.report["method"]
+    assert m1["fisher"]["cache_hit"] is False and m1["fisher"]["n_harm"] == 12 and m1["fisher"]["n_benign"] == 12
+    ev = m1["eigenvalues"]["global"]
+    assert len(ev) >= 8 and ev[0] > ev[7] > 0  # a non-trivial, descending spectrum
+    assert 0 < m1["projection_norm_kept_total"] < 1
+    assert (tmp_path / "k8" / "spectrum.png").is_file()
+    second = merge_utility_safety("smollm2", [u], s, tmp_path / "k4", k=4, **common)
+    m2 = second.report["method"]
+    assert m2["fisher"]["cache_hit"] is True
+    assert second.report["timings"]["fisher"] < first.report["timings"]["fisher"] / 3
+    assert m2["eigenvalues"]["global"] == pytest.approx(ev)

@@ -116,23 +116,42 @@ def test_blends_reject_ratios_outside_unit_interval(bad):
 # --------------------------------------------------------------------------------------------------------
 
 
+def _with_duplicates(rng: np.random.Generator, V: np.ndarray, n_dup: int) -> np.ndarray:
+    """Insert ``n_dup`` rescaled copies of existing columns at random positions (rank stays the same)."""
+    for _ in range(n_dup):
+        j = int(rng.integers(0, V.shape[1]))
+        V = np.insert(V, int(rng.integers(0, V.shape[1] + 1)), float(rng.uniform(0.5, 2)) * V[:, j], axis=1)
+    return V
+
+
 @settings(max_examples=80, deadline=None)
 @given(st.integers(2, 24), st.integers(1, 8), st.integers(0, 4), seeds)
 def test_orthogonal_projector_is_idempotent_and_symmetric(d, k, n_dup, seed):
     rng = np.random.default_rng(seed)
-    k = min(k, d)
-    V = rng.standard_normal((d, k))
-    # rank-deficient: duplicate (rescaled) columns, at random positions
-    for _ in range(n_dup):
-        j = int(rng.integers(0, V.shape[1]))
-        V = np.insert(V, int(rng.integers(0, V.shape[1] + 1)), float(rng.uniform(-2, 2)) * V[:, j], axis=1)
+    V = _with_duplicates(rng, rng.standard_normal((d, min(k, d))), n_dup)
     P = orthogonal_projector(V)
     assert P.shape == (d, d)
     np.testing.assert_allclose(P @ P, P, atol=1e-10)
     np.testing.assert_allclose(P, P.T, atol=1e-12)
-    # rank of P = rank of V, and P fixes the columns of V (P projects onto span V)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(2, 24), st.integers(1, 8), st.integers(0, 4), seeds)
+def test_orthogonal_projector_projects_onto_span_of_v(d, k, n_dup, seed):
+    """P = orth(V) orth(V)ᵀ: rank P = rank V and P V = V, also for rank-deficient V (duplicate columns)."""
+    rng = np.random.default_rng(seed)
+    V = _with_duplicates(rng, rng.standard_normal((d, min(k, d))), n_dup)
+    P = orthogonal_projector(V)
     assert abs(np.trace(P) - np.linalg.matrix_rank(V)) < 1e-8
     np.testing.assert_allclose(P @ V, V, atol=1e-9 * max(1.0, np.abs(V).max()))
+
+
+def test_orthogonal_projector_with_a_duplicate_column_before_an_independent_one():
+    # span{e1, 2 e1, e2} = span{e1, e2}: the projector is diag(1, 1, 0)
+    V = np.array([[1.0, 2.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(orthogonal_projector(V), np.diag([1.0, 1.0, 0.0]), atol=1e-12)
+    # more columns than rows: span{e1, 2 e1, e2} = R^2
+    np.testing.assert_allclose(orthogonal_projector(V[:2]), np.eye(2), atol=1e-12)
 
 
 @settings(max_examples=60, deadline=None)

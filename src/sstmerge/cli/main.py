@@ -127,6 +127,70 @@ def _merge_command() -> click.Command:
 cli.add_command(_merge_command())
 
 
+def _fisher_command() -> click.Command:
+    from pydantic import create_model
+
+    from ..merge.options import MergeConfig
+
+    keep = ("base", "utility", "safety", "utility_coefficients", "utility_weights", "harmful_data", "benign_data",
+            "max_samples", "seed", "max_length", "damping", "cache_dir")
+    fields = {k: (MergeConfig.model_fields[k].annotation, MergeConfig.model_fields[k]) for k in keep}
+    fields["out"] = (str | None, None)
+    FisherCommand = create_model("FisherCommand", **fields)
+    FisherCommand.model_fields["out"].description = "optional folder for fisher_report.json + spectrum.png"
+
+    def run(**flags) -> None:
+        from ..fisher.run import compute_fisher
+        from ..io.adapter import read_adapter
+        from ..io.atomic import atomic_output_dir
+        from ..linalg.eigen import safety_subspace_from_gram
+        from ..merge.compose import utility_coefficients
+        from ..merge.options import build_config
+        from ..merge.report import plot_spectrum, versions
+        from ..io.models import load_base_info
+
+        values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()
+                  if v is not None and not (isinstance(v, tuple) and not v) and k != "out"}
+        cfg = build_config(values, "command line")
+        if cfg.safety is None:
+            raise ConfigError("the Fisher is taken over the safety adapter's factors: pass --safety")
+        base = load_base_info(cfg.base, cfg.cache_dir)
+        utility = [read_adapter(u) for u in cfg.utility]
+        safety = read_adapter(cfg.safety)
+        coefs = utility_coefficients(len(utility), cfg.utility_coefficients, cfg.utility_weights)
+        run_ = compute_fisher(base, utility, coefs, safety, cfg.fisher_settings(), cfg.cache_dir)
+        stats = run_.stats
+        K = sum(stats.gram.values())
+        sub = safety_subspace_from_gram(K, stats.n_harm, 1, dim=stats.dim(), eps=cfg.damping, clamp_k=True)
+        spectrum = {"global": sub.eigenvalues.tolist()}
+        report = {"fisher": run_.meta, "damping_eps": cfg.damping, "damping_delta": sub.damping,
+                  "available_rank": sub.available_rank, "eigenvalues": spectrum, "versions": versions()}
+        click.echo(f"Fisher statistics: {run_.folder} (cache hit: {run_.meta.get('cache_hit')})")
+        click.echo(f"samples: {stats.n_harm} harmful, {stats.n_benign} benign; D = {stats.dim()}; "
+                   f"positive eigenvalues: {sub.available_rank}")
+        click.echo("top λ: " + ", ".join(f"{x:.4g}" for x in sub.eigenvalues[:10]))
+        if flags.get("out"):
+            with atomic_output_dir(flags["out"]) as tmp:
+                (tmp / "fisher_report.json").write_text(json.dumps(report, indent=2, default=str))
+                plot_spectrum(spectrum, tmp / "spectrum.png", title="global empirical Fisher")
+            click.echo(str(Path(flags["out"]).resolve()))
+
+    def callback(**kwargs):
+        try:
+            run(**kwargs)
+        except SSTMergeError as exc:
+            _fail(exc)
+
+    return click.Command(
+        "fisher", callback=callback, params=options_from_model(FisherCommand),
+        help="Compute (or load from the cache) the Fisher statistics of a safety adapter and show the spectrum. "
+        "Later merges with the same base/adapters/data reuse them for any k, mode, preset or weights.",
+    )
+
+
+cli.add_command(_fisher_command())
+
+
 @cli.command()
 @click.argument("adapter", type=click.Path())
 @click.option("--allow-pickle", is_flag=True, help="read a legacy pickled .pt/.bin (weights_only=True)")
