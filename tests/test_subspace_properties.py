@@ -264,8 +264,13 @@ def test_eigenpairs_solve_the_generalized_problem(problem, k):
     assert delta == pytest.approx(eps * np.trace(F_b) / D, rel=1e-10)
     sub = safety_subspace_from_gram(K, G_h.shape[0], k, dim=D, eps=eps, clamp_k=True)
     assert sub.damping == pytest.approx(delta, rel=1e-12)
-    # the positive spectrum has exactly rank(F_harm) = rank(G_h) entries (B = F_b + δI is positive definite)
-    assert sub.available_rank == _rank(G_h)
+    # the positive spectrum has rank(F_harm) = rank(G_h) entries (B = F_b + δI is positive definite); the solver
+    # counts as positive only eigenvalues above 1e-12 λ_max, so a genuinely positive but negligible one may drop
+    r_h = _rank(G_h)
+    assert sub.available_rank <= r_h
+    dense_vals, _ = generalized_eigh_dense(F_h, F_b, eps)
+    if dense_vals[r_h - 1] > 1e-10 * dense_vals[0]:
+        assert sub.available_rank == r_h
     assert sub.k == min(k, sub.available_rank) and sub.k >= 1
     lam = sub.eigenvalues
     assert lam.shape == (sub.available_rank,)
@@ -277,7 +282,11 @@ def test_eigenpairs_solve_the_generalized_problem(problem, k):
         v = V[:, j]
         assert np.linalg.norm(v) > 0
         lhs, rhs = F_h @ v, lam[j] * (B @ v)
-        bound = 1e-6 * (np.linalg.norm(lhs) + lam[j] * np.linalg.norm(B @ v) + 1e-12)
+        # relative to the pair itself, plus the normwise backward error (what a stable solver guarantees; it
+        # dominates for eigenvalues many orders below λ_max)
+        bound = 1e-6 * (np.linalg.norm(lhs) + lam[j] * np.linalg.norm(B @ v) + 1e-12) + 1e-9 * (
+            np.linalg.norm(F_h, 2) + lam[j] * np.linalg.norm(B, 2)
+        ) * np.linalg.norm(v)
         assert np.linalg.norm(lhs - rhs) <= bound, (j, np.linalg.norm(lhs - rhs), bound)
     # the eigenvectors are (F_benign + δI)-orthonormal (as the docs say), hence not orthonormal in general
     np.testing.assert_allclose(V.T @ B @ V, np.eye(sub.k), atol=1e-7)

@@ -9,6 +9,7 @@ see :mod:`sstmerge.linalg.eigen`) this is ``P φ = Gᵀ β`` with ``β = B Bᵀ 
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 import torch
 
 
@@ -16,9 +17,7 @@ def orthogonal_projector(V: np.ndarray) -> np.ndarray:
     """Dense ``P = Q Qᵀ`` with ``Q = orth(V)`` (D × D), for reference/tests on small D."""
     if V.shape[1] == 0:
         return np.zeros((V.shape[0], V.shape[0]))
-    Q, R = np.linalg.qr(V)
-    rank = int((np.abs(np.diag(R)) > 1e-12 * max(np.abs(np.diag(R)).max(), 1e-300)).sum())
-    Q = Q[:, :rank]
+    Q = scipy.linalg.orth(V)  # SVD-based: correct for rank-deficient V whatever the column order
     return Q @ Q.T
 
 

@@ -173,6 +173,7 @@ class SSTMerger:
                 load_table(opts.layer_weights, WEIGHT_TABLES)
         coefficients = utility_coefficients(len(utility_adapters), opts.utility_coefficients, opts.utility_weights)
         method_report: dict[str, Any] = {}
+
         def fisher_provider():
             with timer.stage("fisher"):
                 return compute_fisher(base, utility_adapters, coefficients, safety_adapter, opts.fisher_settings(),
