@@ -255,8 +255,11 @@ def tiny_model(out: str, seed: int) -> None:
 @click.option("--steps", default=30, show_default=True, help="training steps per adapter")
 @click.option("--eval-samples", default=24, show_default=True, help="held-out prompts per eval set")
 @click.option("--safety-weight", default=1.0, show_default=True)
+@click.option("--k", default=10, show_default=True, help="residual merge: subspace dimension")
+@click.option("--residual-ratio", default=0.7, show_default=True, help="residual merge: r")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False))
-def demo(base: str, out: str, steps: int, eval_samples: int, safety_weight: float, cache_dir: str | None) -> None:
+def demo(base: str, out: str, steps: int, eval_samples: int, safety_weight: float, k: int, residual_ratio: float,
+         cache_dir: str | None) -> None:
     """Main job on the embedded default: train utility + safety LoRAs on the bundled data, merge, evaluate.
 
     Resumable: finished stages in OUT are reused."""
@@ -264,7 +267,8 @@ def demo(base: str, out: str, steps: int, eval_samples: int, safety_weight: floa
 
     try:
         summary = run_demo(DemoOptions(base=base, out=out, steps=steps, eval_samples=eval_samples,
-                                       safety_weight=safety_weight, cache_dir=cache_dir))
+                                       safety_weight=safety_weight, k=k, residual_ratio=residual_ratio,
+                                       cache_dir=cache_dir))
     except SSTMergeError as exc:
         _fail(exc)
     click.echo(summary_table(summary))

@@ -1,5 +1,5 @@
 """The main job on the embedded default: train a utility and a safety LoRA on the bundled data for the
-bundled SmolLM2, merge them (direct mode), and measure refusals on held-out prompts.
+bundled SmolLM2, merge them (direct and residual SST-Merge), and measure refusals on held-out prompts.
 
 Stages are resumable: a finished stage's folder (written atomically) is reused on the next run, so an
 interrupted demo continues where it stopped. Everything lands in ``out`` (default ``runs/demo``).
@@ -37,6 +37,9 @@ class DemoOptions(BaseModel):
     eval_samples: int = Field(24, gt=0, description="held-out prompts per eval set")
     max_new_tokens: int = Field(32, gt=0)
     batch_size: int = Field(12, gt=0, description="generation batch size")
+    k: int = Field(10, gt=0, description="residual merge: subspace dimension")
+    residual_ratio: float = Field(0.7, ge=0, le=1, description="residual merge: r")
+    fisher_samples: int = Field(32, gt=0, description="residual merge: Fisher examples per data file")
     seed: int = 0
     cache_dir: str | None = None
 
@@ -84,13 +87,23 @@ def run_demo(opts: DemoOptions) -> dict:
     merged = out / "merged_direct"
     merge_utility_safety(opts.base, [utility], safety, merged, overwrite=True, safety_weight=opts.safety_weight,
                          cache_dir=opts.cache_dir)
-    timings["merge"] = time.perf_counter() - t1
+    timings["merge_direct"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    residual = out / "merged_residual"
+    res = merge_utility_safety(
+        opts.base, [utility], safety, residual, overwrite=True, safety_weight=opts.safety_weight, mode="residual",
+        k=opts.k, residual_ratio=opts.residual_ratio, max_samples=opts.fisher_samples, seed=opts.seed,
+        cache_dir=opts.cache_dir,
+    )
+    timings["merge_residual"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
     harmful = [e.prompt for e in load_examples(bundled_path("harmful_eval"), max_samples=opts.eval_samples, seed=opts.seed)]
     benign = [e.prompt for e in load_examples(bundled_path("benign_eval"), max_samples=opts.eval_samples, seed=opts.seed)]
     results = {}
-    for label, adapter in (("base", None), ("utility", utility), ("safety", safety), ("merged_direct", merged)):
+    models = (("base", None), ("utility", utility), ("safety", safety), ("merged_direct", merged),
+              ("merged_residual", residual))
+    for label, adapter in models:
         log.info("evaluating %s on %d held-out harmful + %d benign prompts", label, len(harmful), len(benign))
         results[label] = _evaluate(model, tok, adapter, harmful, benign, opts)
     timings["eval"] = time.perf_counter() - t2
@@ -98,6 +111,10 @@ def run_demo(opts: DemoOptions) -> dict:
         "options": opts.model_dump(),
         "judge": "keyword refusal phrases (sstmerge.eval.judges.REFUSAL_PHRASES)",
         "eval_data": {"harmful": "bundled:harmful_eval", "benign": "bundled:benign_eval", "n_each": len(harmful)},
+        "residual_merge": {"k": opts.k, "residual_ratio": opts.residual_ratio,
+                           "fisher_samples_each": res.report["method"]["fisher"]["n_harm"],
+                           "top_eigenvalues": res.report["method"]["eigenvalues"]["global"][:5],
+                           "projection_norm_kept": res.report["method"]["projection_norm_kept_total"]},
         "results": results,
         "timings": timings,
         "versions": versions(),
