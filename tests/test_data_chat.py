@@ -8,11 +8,9 @@ import torch
 from sstmerge.data.chat import IGNORE_INDEX, collate, encode_example, pad_id
 from sstmerge.data.examples import Example
 from sstmerge.errors import ConfigError, DataError
+from sstmerge.io.models import CHATML_TEMPLATE, build_tiny_tokenizer
 
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
-    " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+CHATML = CHATML_TEMPLATE
 
 SENTENCES = [
     "the cat sat on the mat",
@@ -25,25 +23,7 @@ SENTENCES = [
 
 def build_tokenizer(chat_template: str | None = CHATML, pad: bool = True):
     """A byte-level BPE tokenizer trained in memory (exact decode round-trip), ChatML special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(SENTENCES, trainer)
-    kwargs = dict(eos_token="<|im_end|>", unk_token="<|endoftext|>", bos_token="<|im_start|>")
-    if pad:
-        kwargs["pad_token"] = "<pad>"
-    t = PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
-    t.chat_template = chat_template
-    return t
+    return build_tiny_tokenizer(SENTENCES, chat_template=chat_template, pad=pad)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,8 @@ import torch
 
 from sstmerge.data.examples import Example
 from sstmerge.errors import DataError, OutputExistsError
+from sstmerge.io.models import build_tiny_tokenizer
 from sstmerge.train.sft import TrainOptions, train_lora
-
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
-    " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 PAIRS = [
     ("How do I bake bread?", "Mix flour, water and yeast, then bake."),
@@ -29,25 +25,7 @@ PAIRS = [
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([p + " " + r for p, r in PAIRS], trainer)
-    t = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<|endoftext|>",
-        bos_token="<|im_start|>",
-    )
-    t.chat_template = CHATML
-    return t
+    return build_tiny_tokenizer([p + " " + r for p, r in PAIRS])
 
 
 def build_model(vocab_size: int, seed: int = 0):

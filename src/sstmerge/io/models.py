@@ -186,7 +186,9 @@ CHATML_TEMPLATE = (
 )
 
 
-def build_tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 320):
+def build_tiny_tokenizer(
+    corpus: list[str] | None = None, vocab_size: int = 320, chat_template: str | None = CHATML_TEMPLATE, pad: bool = True
+):
     """A small byte-level BPE tokenizer with a ChatML chat template (SmolLM2's format), built offline.
 
     Trained on ``corpus`` (default: the bundled JSONL prompts and responses), so any text is encodable
@@ -209,11 +211,11 @@ def build_tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 320)
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<|endoftext|>",
-        bos_token="<|im_start|>",
-    )
-    fast.chat_template = CHATML_TEMPLATE
+    special = dict(eos_token="<|im_end|>", unk_token="<|endoftext|>", bos_token="<|im_start|>")
+    if pad:
+        special["pad_token"] = "<pad>"
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **special)
+    fast.chat_template = chat_template
     return fast
 
 

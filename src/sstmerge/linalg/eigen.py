@@ -64,8 +64,9 @@ def _check_k(k: int, available: int, clamp_k: bool, where: str) -> int:
     if k > available:
         if not clamp_k:
             raise FisherError(
-                f"{where}: k={k} but only {available} generalized eigenvalues are positive (the rank of F_harm in "
-                f"this scope is at most the number of harmful samples); use k <= {available}, more harmful samples, "
+                f"{where}: k={k} but only {available} generalized eigenvalues are numerically positive (the rank of "
+                f"F_harm is at most the number of harmful samples, and directions below the numerical tolerance "
+                f"count as zero); use k <= {available}, more harmful samples, "
                 "or --clamp-k to use k=" + str(available) + " (recorded as the effective k)"
             )
         return available

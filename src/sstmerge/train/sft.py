@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .._logging import quiet
 from ..data.chat import collate, encode_example, pad_id
 from ..data.examples import Example
 from ..errors import DataError, ModelError
@@ -58,10 +59,6 @@ class TrainOptions(BaseModel):
         if any(not m.strip() for m in v):
             raise ValueError("target_modules must not contain empty names")
         return v
-
-
-def _quiet() -> bool:
-    return os.environ.get("SSTMERGE_QUIET", "") == "1" or logger.getEffectiveLevel() > logging.INFO
 
 
 def _mean(xs: list[float]) -> float:
@@ -190,7 +187,7 @@ def _train_loop(peft_model, encoded: list[dict], pad: int, options: TrainOptions
     losses: list[float] = []
     start = time.perf_counter()
     it = batches()
-    with tqdm(total=options.steps, desc="LoRA SFT", unit="step", disable=_quiet()) as bar:
+    with tqdm(total=options.steps, desc="LoRA SFT", unit="step", disable=quiet()) as bar:
         for step in range(options.steps):
             batch = collate(next(it), pad, padding_side="right")
             optimizer.zero_grad(set_to_none=True)
