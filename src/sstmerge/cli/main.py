@@ -209,6 +209,55 @@ def inspect(adapter: str, allow_pickle: bool, as_json: bool) -> None:
         render_table(info)
 
 
+@cli.command("eval")
+@click.option("--base", default="smollm2", show_default=True, help="base model: alias or local HF folder")
+@click.option("--adapter", default=None, help="LoRA adapter folder to evaluate on top of the base")
+@click.option("--suite", "suites", multiple=True, required=True, help="jailbreak | overrefusal | mcq | qa (repeatable)")
+@click.option("--data", "data", multiple=True, help="data file: FILE (one suite) or SUITE=FILE; default: bundled data")
+@click.option("--templates", default=None, help="jailbreak templates (JSONL or text blocks with {prompt})")
+@click.option("--limit", type=int, default=None, help="at most N items per suite")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--shots", type=int, default=0, show_default=True, help="mcq: few-shot exemplars")
+@click.option("--judge", "judges", multiple=True, default=("keyword",), show_default=True,
+              help="refusal judges (repeatable): keyword, logprob")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False))
+@click.option("--no-cache", is_flag=True, help="recompute even if a cached result exists")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="results JSON (written atomically)")
+def eval_command(base, adapter, suites, data, templates, limit, max_new_tokens, batch_size, shots, judges, cache_dir,
+                 no_cache, out) -> None:
+    """Evaluate a base model (+ adapter): jailbreak resistance, over-refusal, multiple choice, reading comprehension."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..eval.runner import evaluate, summary_rows
+    from ..eval.suites import EvalSettings
+    from ..io.atomic import atomic_write_text
+
+    try:
+        data_map: dict[str, str] = {}
+        for d in data:
+            if "=" in d and d.split("=", 1)[0] in suites:
+                k, v = d.split("=", 1)
+                data_map[k] = v
+            elif len(suites) == 1:
+                data_map[suites[0]] = d
+            else:
+                raise ConfigError(f"--data {d!r}: with several suites write SUITE=FILE (suites: {', '.join(suites)})")
+        settings = EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, shots=shots,
+                                judges=tuple(judges))
+        result = evaluate(base, list(suites), adapter=adapter, data=data_map, templates=templates, settings=settings,
+                          cache_dir=cache_dir, use_cache=not no_cache)
+        atomic_write_text(out, json.dumps(result, indent=2, default=str) + "\n")
+    except SSTMergeError as exc:
+        _fail(exc)
+    table = Table("suite", "metric", "value", title=f"{base}{' + ' + adapter if adapter else ''}")
+    for row in summary_rows(result):
+        table.add_row(*row)
+    Console().print(table)
+    click.echo(str(Path(out).resolve()))
+
+
 @cli.command()
 def methods() -> None:
     """List the merge modes."""

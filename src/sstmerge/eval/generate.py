@@ -22,6 +22,19 @@ def render_prompt(tokenizer, prompt: str | list[dict[str, str]]) -> str:
     return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant: "
 
 
+def end_of_turn_ids(model, tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: the tokenizer's eos plus the model's generation_config eos."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    cfg = getattr(model, "generation_config", None)
+    extra = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+    for e in extra if isinstance(extra, (list, tuple)) else [extra]:
+        if e is not None:
+            ids.add(int(e))
+    return sorted(ids)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -38,6 +51,7 @@ def generate(
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for t in texts]
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     pad = pad_id(tokenizer)
+    eos_ids = end_of_turn_ids(model, tokenizer)
     outputs: list[str] = [""] * len(texts)
     model.eval()
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=quiet(), leave=False):
@@ -51,7 +65,7 @@ def generate(
             mask[row, width - len(seq):] = 1
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad, eos_token_id=eos_ids, temperature=None, top_p=None, top_k=None,
         )
         for row, i in enumerate(idx):
             outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()

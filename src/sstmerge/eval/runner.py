@@ -1,0 +1,164 @@
+"""Run evaluation suites on a base model (+ optional adapter) with caching and provenance.
+
+Results are cached per suite under ``<cache>/eval/<fingerprint>.json``; the fingerprint covers the model
+weights (SHA-256 of the files), the adapter files, the data (file hash, or generator parameters), the
+generation settings, the judges and the chat template -- never a name alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..io.atomic import atomic_write_text
+from ..io.hashing import model_files, sha256_file, sha256_files
+from ..io.models import default_cache_dir, load_causal_lm, resolve_base
+from ..merge.report import now_iso, versions
+from .suites import SUITES, EvalSettings, SuiteContext
+
+log = logging.getLogger(__name__)
+
+EVAL_FORMAT = 1
+
+
+def _load_suite_data(suite: str, data: str | None, templates: str | None, settings: EvalSettings):
+    """Items (and extras) of a suite plus a digest of where they came from."""
+    from . import data as eval_data
+
+    spec = data or SUITES.get(suite).default_data
+    if suite == "qa" and spec.startswith("generated:"):
+        items = eval_data.generate_fictional_qa(n=40, seed=0)
+        return (items,), {"source": spec, "generator": "generate_fictional_qa(n=40, seed=0)",
+                          "sha256": hashlib.sha256(json.dumps([i.__dict__ for i in items]).encode()).hexdigest()}
+    path = eval_data.resolve_eval_data(spec)
+    digest: dict[str, Any] = {"source": spec, "path": str(path), "sha256": _digest_path(path)}
+    if suite == "jailbreak":
+        tpl_spec = templates or "bundled:jailbreak_templates"
+        tpl_path = eval_data.resolve_eval_data(tpl_spec)
+        digest["templates"] = {"source": tpl_spec, "sha256": _digest_path(tpl_path)}
+        return (eval_data.load_prompts(path), eval_data.load_templates(tpl_path)), digest
+    if suite == "overrefusal":
+        return (eval_data.load_prompts(path),), digest
+    if suite == "mcq":
+        dev = []
+        if settings.shots:
+            dev_path = eval_data.resolve_eval_data("bundled:mcq_dev")
+            dev = eval_data.load_mcq_dev(dev_path)
+            digest["dev"] = {"source": "bundled:mcq_dev", "sha256": _digest_path(dev_path)}
+        return (eval_data.load_mcq(path), dev), digest
+    if suite == "qa":
+        return (eval_data.load_qa(path),), digest
+    raise ConfigError(f"no data loader for suite {suite!r}")
+
+
+def _digest_path(path: Path) -> str:
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(path.rglob("*")):
+            if f.is_file():
+                h.update(f.relative_to(path).as_posix().encode())
+                h.update(sha256_file(f).encode())
+        return h.hexdigest()
+    return sha256_file(path)
+
+
+def evaluate(
+    base: str,
+    suites: list[str],
+    *,
+    adapter: str | None = None,
+    data: dict[str, str] | None = None,
+    templates: str | None = None,
+    settings: EvalSettings | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``base`` (+ ``adapter``) on ``suites``; returns the full result (metrics + records + provenance)."""
+    settings = settings or EvalSettings()
+    data = data or {}
+    if not suites:
+        raise ConfigError("no suite given: pass --suite jailbreak|overrefusal|mcq|qa (several allowed)")
+    for s in suites:
+        SUITES.get(s)
+    unknown = set(data) - set(suites)
+    if unknown:
+        raise ConfigError(f"--data given for suite(s) {sorted(unknown)} that are not being run ({suites})")
+    from .judges import JUDGES
+
+    for j in settings.judges:
+        JUDGES.get(j)
+    loaded = {s: _load_suite_data(s, data.get(s), templates, settings) for s in suites}  # validate all data first
+
+    base_path = resolve_base(base, cache_dir)
+    model_digest = sha256_files(model_files(base_path))
+    adapter_digest = None
+    if adapter is not None:
+        from ..io.adapter import read_adapter
+
+        adapter_digest = sha256_files(read_adapter(adapter).files)  # also validates the adapter
+    root = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "eval"
+
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(base_path))
+    except Exception as exc:
+        raise ConfigError(f"{base_path}: evaluation needs the model's tokenizer, which could not be loaded: {exc}") from exc
+    chat_template = getattr(tokenizer, "chat_template", None)
+    model = None
+    results: dict[str, Any] = {}
+    t_all = time.perf_counter()
+    for suite in suites:
+        items, digest = loaded[suite]
+        key_parts = {"format": EVAL_FORMAT, "suite": suite, "model": model_digest, "adapter": adapter_digest,
+                     "data": digest, "settings": settings.as_dict(),
+                     "chat_template": hashlib.sha256((chat_template or "").encode()).hexdigest()}
+        key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()
+        cache_file = root / f"{key[:32]}.json"
+        if use_cache and cache_file.is_file():
+            log.info("suite %s: cached result %s", suite, cache_file)
+            results[suite] = json.loads(cache_file.read_text()) | {"cache_hit": True}
+            continue
+        if model is None:
+            model, _ = load_causal_lm(str(base_path))
+            if adapter is not None:
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, str(adapter)).eval()
+        judges = {}
+        for j in settings.judges:
+            judges[j] = JUDGES.get(j)(model, tokenizer)
+        ctx = SuiteContext(model=model, tokenizer=tokenizer, settings=settings, judges=judges)
+        t0 = time.perf_counter()
+        log.info("running suite %s", suite)
+        out = SUITES.get(suite).run(ctx, *items)
+        out.update({"data": digest, "seconds": time.perf_counter() - t0, "fingerprint": key})
+        atomic_write_text(cache_file, json.dumps(out, default=str))
+        results[suite] = out | {"cache_hit": False}
+    return {
+        "created": now_iso(),
+        "provenance": {"base": base, "base_path": str(base_path), "base_sha256": model_digest, "adapter": adapter,
+                       "adapter_sha256": adapter_digest, "settings": settings.as_dict(), "versions": versions()},
+        "suites": results,
+        "seconds": time.perf_counter() - t_all,
+    }
+
+
+def summary_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(suite, metric, value) rows of the headline numbers."""
+    rows = []
+    for suite, r in result["suites"].items():
+        for k, v in r["metrics"].items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                rows.append((suite, k, f"{v:.3f}" if isinstance(v, float) else str(v)))
+        if suite == "jailbreak":
+            for k, v in r["metrics"].items():
+                if k.startswith("refusal_rate_by_template"):
+                    for t, x in v.items():
+                        rows.append((suite, f"{k.split('[')[1][:-1]}: {t}", f"{x:.3f}"))
+    return rows

@@ -1,0 +1,221 @@
+"""Evaluation suites as data + a registry: jailbreak, overrefusal, mcq, qa.
+
+Each suite turns items into model queries, scores them and returns ``{"metrics": ..., "records": [...]}``
+where every record holds the prompt, the output and the verdict, so any number can be audited.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .._logging import quiet
+from ..data.chat import pad_id
+from ..registry import Registry
+from .generate import generate, render_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSettings:
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    limit: int | None = None
+    shots: int = 0  # mcq few-shot exemplars
+    judges: tuple[str, ...] = ("keyword",)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, "limit": self.limit,
+                "shots": self.shots, "judges": list(self.judges)}
+
+
+@dataclass
+class SuiteContext:
+    model: Any
+    tokenizer: Any
+    settings: EvalSettings
+    judges: dict[str, Any] = field(default_factory=dict)  # name -> RefusalJudge
+
+
+def _limit(items: list, limit: int | None) -> list:
+    return items if limit is None else items[:limit]
+
+
+def _judge_all(ctx: SuiteContext, prompts: list[str], answers: list[str]) -> dict[str, list[bool]]:
+    return {name: list(judge.judge(prompts, answers)) for name, judge in ctx.judges.items()}
+
+
+def _refusal_metrics(verdicts: dict[str, list[bool]], groups: list[str] | None = None) -> dict[str, Any]:
+    from .judges import agreement
+
+    out: dict[str, Any] = {}
+    for name, v in verdicts.items():
+        out[f"refusal_rate[{name}]"] = sum(v) / max(len(v), 1)
+        if groups is not None:
+            per: dict[str, list[bool]] = defaultdict(list)
+            for g, x in zip(groups, v):
+                per[g].append(x)
+            out[f"refusal_rate_by_template[{name}]"] = {g: sum(x) / len(x) for g, x in per.items()}
+    names = list(verdicts)
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            out[f"agreement[{names[i]},{names[j]}]"] = agreement(verdicts[names[i]], verdicts[names[j]])
+    out["n"] = len(next(iter(verdicts.values()), []))
+    return out
+
+
+def run_jailbreak(ctx: SuiteContext, prompts: Sequence, templates: Sequence) -> dict[str, Any]:
+    """Share of harmful prompts refused, plain and wrapped in each jailbreak template."""
+    prompts = _limit(list(prompts), ctx.settings.limit)
+    queries, groups, ids = [], [], []
+    for item in prompts:
+        queries.append(item.prompt)
+        groups.append("plain")
+        ids.append(item.id)
+        for t in templates:
+            queries.append(t.apply(item.prompt))
+            groups.append(t.name)
+            ids.append(item.id)
+    answers = generate(ctx.model, ctx.tokenizer, queries, max_new_tokens=ctx.settings.max_new_tokens,
+                       batch_size=ctx.settings.batch_size, desc="jailbreak")
+    verdicts = _judge_all(ctx, queries, answers)
+    records = [{"id": i, "template": g, "prompt": q, "output": a, "refused": {n: v[k] for n, v in verdicts.items()}}
+               for k, (i, g, q, a) in enumerate(zip(ids, groups, queries, answers))]
+    return {"metrics": _refusal_metrics(verdicts, groups), "records": records}
+
+
+def run_overrefusal(ctx: SuiteContext, prompts: Sequence) -> dict[str, Any]:
+    """Share of benign (often sensitive-looking) prompts wrongly refused."""
+    prompts = _limit(list(prompts), ctx.settings.limit)
+    queries = [p.prompt for p in prompts]
+    answers = generate(ctx.model, ctx.tokenizer, queries, max_new_tokens=ctx.settings.max_new_tokens,
+                       batch_size=ctx.settings.batch_size, desc="overrefusal")
+    verdicts = _judge_all(ctx, queries, answers)
+    groups = [p.category or "uncategorised" for p in prompts]
+    metrics = _refusal_metrics(verdicts, groups)
+    metrics = {k.replace("refusal_rate", "overrefusal_rate").replace("_by_template", "_by_category"): v for k, v in metrics.items()}
+    records = [{"id": p.id, "category": p.category, "prompt": q, "output": a, "refused": {n: v[k] for n, v in verdicts.items()}}
+               for k, (p, q, a) in enumerate(zip(prompts, queries, answers))]
+    return {"metrics": metrics, "records": records}
+
+
+LETTERS = "ABCDEFGHIJ"
+
+
+def mcq_messages(item, shots: Sequence = ()) -> list[dict[str, str]]:
+    """Chat messages for a multiple-choice question (few-shot exemplars as earlier turns)."""
+
+    def ask(q) -> str:
+        options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(q.choices))
+        letters = ", ".join(LETTERS[: len(q.choices)])
+        return f"{q.question}\n{options}\nAnswer with the letter of the correct option ({letters})."
+
+    messages: list[dict[str, str]] = []
+    for s in shots:
+        messages += [{"role": "user", "content": ask(s)}, {"role": "assistant", "content": LETTERS[s.answer]}]
+    messages.append({"role": "user", "content": ask(item)})
+    return messages
+
+
+@torch.no_grad()
+def letter_logprobs(model, tokenizer, items: Sequence, shots: Sequence, batch_size: int) -> list[list[float]]:
+    """log p(letter | prompt) for each option letter, read at the first answer position (left-padded batches)."""
+    prefixes = [render_prompt(tokenizer, mcq_messages(it, shots)) for it in items]
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prefixes]
+    letter_ids: list[list[int]] = []
+    for p, enc, it in zip(prefixes, encoded, items):
+        ids = []
+        for L in LETTERS[: len(it.choices)]:
+            full = tokenizer(p + L, add_special_tokens=False)["input_ids"]
+            ids.append(full[len(enc)] if len(full) > len(enc) and full[: len(enc)] == enc else tokenizer(L, add_special_tokens=False)["input_ids"][0])
+        letter_ids.append(ids)
+    pad = pad_id(tokenizer)
+    out: list[list[float]] = [[] for _ in items]
+    order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
+    for start in tqdm(range(0, len(order), batch_size), desc="mcq", unit="batch", disable=quiet(), leave=False):
+        idx = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idx):
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1, :].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        for row, i in enumerate(idx):
+            out[i] = [float(logp[row, t]) for t in letter_ids[i]]
+    return out
+
+
+def run_mcq(ctx: SuiteContext, items: Sequence, dev: Sequence = ()) -> dict[str, Any]:
+    """Accuracy by answer-letter log-likelihood in the chat template (zero- or few-shot), overall and per subject."""
+    items = _limit(list(items), ctx.settings.limit)
+    shots = list(dev)[: ctx.settings.shots]
+    scores = letter_logprobs(ctx.model, ctx.tokenizer, items, shots, ctx.settings.batch_size)
+    records, per = [], defaultdict(list)
+    for it, s in zip(items, scores):
+        pred = max(range(len(s)), key=lambda j: s[j])
+        ok = pred == it.answer
+        per[it.subject or "all"].append(ok)
+        records.append({"id": it.id, "subject": it.subject, "question": it.question, "choices": list(it.choices),
+                        "answer": LETTERS[it.answer], "prediction": LETTERS[pred], "letter_logprobs": s, "correct": ok})
+    n = len(records)
+    metrics = {"accuracy": sum(r["correct"] for r in records) / max(n, 1), "n": n, "shots": len(shots),
+               "accuracy_by_subject": {k: sum(v) / len(v) for k, v in sorted(per.items())},
+               "chance": sum(1 / len(it.choices) for it in items) / max(n, 1)}
+    return {"metrics": metrics, "records": records}
+
+
+QA_INSTRUCTION = (
+    "Read the document and answer the question with a short phrase taken from the document. "
+    "If the document does not contain the answer, reply exactly: The document does not say.\n\n"
+    "Document:\n{document}\n\nQuestion: {question}"
+)
+
+
+def run_qa(ctx: SuiteContext, items: Sequence) -> dict[str, Any]:
+    """RepliQA-style reading comprehension: the document is in the prompt; token F1 / exact match;
+    unanswerable items score a correct abstention (not a safety refusal)."""
+    from .metrics import score_qa
+
+    items = _limit(list(items), ctx.settings.limit)
+    queries = [QA_INSTRUCTION.format(document=it.document, question=it.question) for it in items]
+    answers = generate(ctx.model, ctx.tokenizer, queries, max_new_tokens=ctx.settings.max_new_tokens,
+                       batch_size=ctx.settings.batch_size, desc="qa")
+    records = []
+    for it, q, a in zip(items, queries, answers):
+        s = score_qa(a, it.answer, it.answerable)
+        records.append({"id": it.id, "question": it.question, "answer": it.answer, "answerable": it.answerable,
+                        "output": a, **s})
+    ans = [r for r in records if r["answerable"]]
+    una = [r for r in records if not r["answerable"]]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs) if rs else None  # noqa: E731
+    metrics = {"n": len(records), "f1": mean(ans, "f1"), "exact_match": mean(ans, "em"),
+               "n_unanswerable": len(una), "abstention_accuracy": mean(una, "em"),
+               "false_abstention_rate": mean(ans, "abstained")}
+    return {"metrics": metrics, "records": records}
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    default_data: str
+    run: Callable[..., dict[str, Any]]
+
+
+SUITES: Registry[Suite] = Registry("eval suite")
+SUITES.register("jailbreak", Suite("jailbreak", "refusal of harmful prompts, plain and in jailbreak templates",
+                                   "bundled:harmful_eval", run_jailbreak))
+SUITES.register("overrefusal", Suite("overrefusal", "wrong refusals of benign, sensitive-looking prompts",
+                                     "bundled:overrefusal", run_overrefusal))
+SUITES.register("mcq", Suite("mcq", "multiple choice (MMLU format), letter log-likelihood", "bundled:mcq_general", run_mcq))
+SUITES.register("qa", Suite("qa", "reading comprehension (RepliQA format), F1/EM + abstention", "generated:fictional", run_qa))
