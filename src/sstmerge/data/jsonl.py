@@ -26,9 +26,11 @@ the two formats.
 
 Bundled data
 ------------
-:func:`bundled_path` maps the short names ``harmful_train``, ``harmful_eval``, ``benign_train`` and
-``benign_eval`` to the files in ``sstmerge/data/bundled/`` (see ``DATA_CARD.md`` there), and
-:func:`resolve_data` turns a user spec (``"bundled:harmful_train"`` or a filesystem path) into a path.
+:func:`bundled_path` maps the short names ``harmful_train``, ``harmful_eval``, ``benign_train``,
+``benign_eval`` and ``overrefusal`` (prompt/response examples) and ``jailbreak_templates``,
+``mcq_general`` and ``mcq_dev`` (evaluation files read by :mod:`sstmerge.eval.data`) to the files in
+``sstmerge/data/bundled/`` (see ``DATA_CARD.md`` there), and :func:`resolve_data` turns a user spec
+(``"bundled:harmful_train"`` or a filesystem path) into a path.
 
 Every problem raises :class:`~sstmerge.errors.DataError` whose message names the file (and the 1-based
 line number where there is one) and says how to fix it.
@@ -53,6 +55,7 @@ __all__ = [
     "BUNDLED_DIR",
     "BUNDLED_NAMES",
     "BUNDLED_PREFIX",
+    "EXAMPLE_BUNDLED_NAMES",
     "VALID_ROLES",
     "bundled_path",
     "load_examples",
@@ -61,8 +64,19 @@ __all__ = [
 
 #: Folder holding the bundled JSONL files and their data card.
 BUNDLED_DIR: Path = Path(__file__).resolve().parent / "bundled"
-#: Short names accepted by :func:`bundled_path` (the file is ``<name>.jsonl``).
-BUNDLED_NAMES: tuple[str, ...] = ("harmful_train", "harmful_eval", "benign_train", "benign_eval")
+#: Short names of the bundled prompt/response example files (readable with :func:`load_examples`).
+EXAMPLE_BUNDLED_NAMES: tuple[str, ...] = (
+    "harmful_train",
+    "harmful_eval",
+    "benign_train",
+    "benign_eval",
+    "overrefusal",
+)
+#: Short names accepted by :func:`bundled_path` (the file is ``<name>.jsonl``). The files after the
+#: example files hold evaluation data in other layouts, read by :mod:`sstmerge.eval.data`
+#: (``jailbreak_templates``: :func:`~sstmerge.eval.data.load_templates`; ``mcq_general`` /
+#: ``mcq_dev``: :func:`~sstmerge.eval.data.load_mcq`).
+BUNDLED_NAMES: tuple[str, ...] = EXAMPLE_BUNDLED_NAMES + ("jailbreak_templates", "mcq_general", "mcq_dev")
 #: Prefix of a data spec that names a bundled file (``"bundled:benign_eval"``).
 BUNDLED_PREFIX = "bundled:"
 #: Roles allowed in the ``messages`` format.
