@@ -198,9 +198,9 @@ def build_tiny_tokenizer(
     from transformers import PreTrainedTokenizerFast
 
     if corpus is None:
-        from ..data.jsonl import BUNDLED_NAMES, bundled_path, load_examples
+        from ..data.jsonl import EXAMPLE_BUNDLED_NAMES, bundled_path, load_examples
 
-        corpus = [t for name in BUNDLED_NAMES for e in load_examples(bundled_path(name)) for t in (e.prompt or "", e.answer())]
+        corpus = [t for name in EXAMPLE_BUNDLED_NAMES for e in load_examples(bundled_path(name)) for t in (e.prompt or "", e.answer())]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
