@@ -251,9 +251,11 @@ def eval_command(base, adapter, suites, data, templates, limit, max_new_tokens, 
         atomic_write_text(out, json.dumps(result, indent=2, default=str) + "\n")
     except SSTMergeError as exc:
         _fail(exc)
-    table = Table("suite", "metric", "value", title=f"{base}{' + ' + adapter if adapter else ''}")
+    from rich.markup import escape
+
+    table = Table("suite", "metric", "value", title=escape(f"{base}{' + ' + adapter if adapter else ''}"))
     for row in summary_rows(result):
-        table.add_row(*row)
+        table.add_row(*(escape(x) for x in row))
     Console().print(table)
     click.echo(str(Path(out).resolve()))
 

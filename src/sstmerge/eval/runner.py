@@ -23,7 +23,19 @@ from .suites import SUITES, EvalSettings, SuiteContext
 
 log = logging.getLogger(__name__)
 
-EVAL_FORMAT = 1
+EVAL_FORMAT = 2  # 2: model-based judges run with the adapter disabled
+
+
+class _AdapterDisabled:
+    """Run a judge with the evaluated adapter switched off, so that a model-based judge (log-prob) is the
+    same fixed classifier whatever adapter is being evaluated."""
+
+    def __init__(self, inner, peft_model) -> None:
+        self.inner, self.peft_model, self.name = inner, peft_model, inner.name
+
+    def judge(self, prompts: list[str], answers: list[str]) -> list[bool]:
+        with self.peft_model.disable_adapter():
+            return list(self.inner.judge(prompts, answers))
 
 
 def _load_suite_data(suite: str, data: str | None, templates: str | None, settings: EvalSettings):
@@ -133,6 +145,8 @@ def evaluate(
         judges = {}
         for j in settings.judges:
             judges[j] = JUDGES.get(j)(model, tokenizer)
+            if adapter is not None:  # model-based judges see the base model, the same judge for every adapter
+                judges[j] = _AdapterDisabled(judges[j], model)
         ctx = SuiteContext(model=model, tokenizer=tokenizer, settings=settings, judges=judges)
         t0 = time.perf_counter()
         log.info("running suite %s", suite)
@@ -143,7 +157,8 @@ def evaluate(
     return {
         "created": now_iso(),
         "provenance": {"base": base, "base_path": str(base_path), "base_sha256": model_digest, "adapter": adapter,
-                       "adapter_sha256": adapter_digest, "settings": settings.as_dict(), "versions": versions()},
+                       "adapter_sha256": adapter_digest, "settings": settings.as_dict(), "versions": versions(),
+                       "judge_model": "the base model with the adapter disabled (model-based judges)"},
         "suites": results,
         "seconds": time.perf_counter() - t_all,
     }
@@ -156,6 +171,9 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
         for k, v in r["metrics"].items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 rows.append((suite, k, f"{v:.3f}" if isinstance(v, float) else str(v)))
+        for k, v in r["metrics"].items():
+            if k.startswith("agreement[") and isinstance(v, dict) and v.get("disagreement_rate") is not None:
+                rows.append((suite, "disagreement" + k[len("agreement"):], f"{v['disagreement_rate']:.3f}"))
         if suite == "jailbreak":
             for k, v in r["metrics"].items():
                 if k.startswith("refusal_rate_by_template"):
