@@ -95,3 +95,12 @@ def test_smollm2_refusal_rises_with_a_refusal_adapter(tmp_path):
     r0 = plain["suites"]["jailbreak"]["metrics"]["refusal_rate_by_template[keyword]"]["plain"]
     r1 = tuned["suites"]["jailbreak"]["metrics"]["refusal_rate_by_template[keyword]"]["plain"]
     assert r0 <= 0.35 and r1 >= r0 + 0.4, (r0, r1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_request_without_gpu_is_a_clear_error(tiny_base):
+    from sstmerge import ModelError
+    from sstmerge.io.models import load_causal_lm
+
+    with pytest.raises(ModelError, match="--device cpu"):
+        load_causal_lm(str(tiny_base), device="cuda")

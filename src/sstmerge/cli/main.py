@@ -223,9 +223,10 @@ def inspect(adapter: str, allow_pickle: bool, as_json: bool) -> None:
               help="refusal judges (repeatable): keyword, logprob")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False))
 @click.option("--no-cache", is_flag=True, help="recompute even if a cached result exists")
+@click.option("--device", default="auto", show_default=True, help="auto (a CUDA GPU when present), cpu or cuda")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="results JSON (written atomically)")
 def eval_command(base, adapter, suites, data, templates, limit, max_new_tokens, batch_size, shots, judges, cache_dir,
-                 no_cache, out) -> None:
+                 no_cache, device, out) -> None:
     """Evaluate a base model (+ adapter): jailbreak resistance, over-refusal, multiple choice, reading comprehension."""
     from rich.console import Console
     from rich.table import Table
@@ -247,7 +248,7 @@ def eval_command(base, adapter, suites, data, templates, limit, max_new_tokens, 
         settings = EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, shots=shots,
                                 judges=tuple(judges))
         result = evaluate(base, list(suites), adapter=adapter, data=data_map, templates=templates, settings=settings,
-                          cache_dir=cache_dir, use_cache=not no_cache)
+                          cache_dir=cache_dir, use_cache=not no_cache, device=device)
         atomic_write_text(out, json.dumps(result, indent=2, default=str) + "\n")
     except SSTMergeError as exc:
         _fail(exc)

@@ -63,10 +63,11 @@ def generate(
             seq = encoded[i]
             ids[row, width - len(seq):] = torch.tensor(seq)
             mask[row, width - len(seq):] = 1
+        device = next(model.parameters()).device
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=pad, eos_token_id=eos_ids, temperature=None, top_p=None, top_k=None,
         )
         for row, i in enumerate(idx):
-            outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+            outputs[i] = tokenizer.decode(out[row, width:].cpu(), skip_special_tokens=True).strip()
     return outputs

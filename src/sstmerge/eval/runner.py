@@ -89,6 +89,7 @@ def evaluate(
     settings: EvalSettings | None = None,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate ``base`` (+ ``adapter``) on ``suites``; returns the full result (metrics + records + provenance)."""
     settings = settings or EvalSettings()
@@ -137,7 +138,7 @@ def evaluate(
             results[suite] = json.loads(cache_file.read_text()) | {"cache_hit": True}
             continue
         if model is None:
-            model, _ = load_causal_lm(str(base_path))
+            model, _ = load_causal_lm(str(base_path), device=device)
             if adapter is not None:
                 from peft import PeftModel
 
@@ -158,7 +159,7 @@ def evaluate(
         "created": now_iso(),
         "provenance": {"base": base, "base_path": str(base_path), "base_sha256": model_digest, "adapter": adapter,
                        "adapter_sha256": adapter_digest, "settings": settings.as_dict(), "versions": versions(),
-                       "judge_model": "the base model with the adapter disabled (model-based judges)"},
+                       "device": device, "judge_model": "the base model with the adapter disabled (model-based judges)"},
         "suites": results,
         "seconds": time.perf_counter() - t_all,
     }

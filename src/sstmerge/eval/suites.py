@@ -148,7 +148,9 @@ def letter_logprobs(model, tokenizer, items: Sequence, shots: Sequence, batch_si
             ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]):] = 1
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1, :].float()
+        device = next(model.parameters()).device
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       position_ids=position_ids.to(device)).logits[:, -1, :].float().cpu()
         logp = torch.log_softmax(logits, dim=-1)
         for row, i in enumerate(idx):
             out[i] = [float(logp[row, t]) for t in letter_ids[i]]

@@ -166,12 +166,21 @@ def load_base_info(spec: str | Path, cache_dir: str | Path | None = None) -> Bas
     return BaseModelInfo(spec=str(spec), path=path, config=config, linear_shapes=linear, param_shapes=params, tied=tied)
 
 
-def load_causal_lm(spec: str | Path, cache_dir: str | Path | None = None, dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer) of a base; tokenizer is None when the folder has none."""
+def load_causal_lm(
+    spec: str | Path, cache_dir: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"
+):
+    """Load (model, tokenizer) of a base; tokenizer is None when the folder has none.
+
+    ``device``: ``cpu`` (default), ``cuda``, or ``auto`` (cuda when available).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but torch sees no CUDA GPU; use --device cpu")
     path = resolve_base(spec, cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
