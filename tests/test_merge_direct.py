@@ -159,3 +159,12 @@ def test_report_has_provenance(tiny_base, tmp_path, three_adapters):
     assert "mode: direct" in (out / "merge_config.yaml").read_text()
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == cfg["lora_alpha"] and not cfg["rank_pattern"] and not cfg["use_rslora"]
+
+
+def test_vllm_limits_are_reported(tiny_base, tmp_path, adapter_factory):
+    big = [adapter_factory(targets=("q_proj",), r=8, alpha=8) for _ in range(3)]
+    result = merge_utility_safety(tiny_base, big[:2], big[2], tmp_path / "m")
+    assert result.report["output"]["rank"] == 24
+    assert any("max_lora_rank" in w and "24" in w for w in result.report["warnings"])
+    small = merge_utility_safety(tiny_base, big[:2], big[2], tmp_path / "s", recompress_rank=8)
+    assert not any("max_lora_rank" in w for w in small.report["warnings"])

@@ -29,6 +29,8 @@ from .report import now_iso, plot_spectrum, summary_text, versions, write_report
 
 log = logging.getLogger(__name__)
 
+VLLM_DEFAULT_MAX_LORA_RANK = 16  # vLLM's LoRAConfig.max_lora_rank default
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -191,6 +193,17 @@ class SSTMerger:
                 utility_adapters, coefficients, safety_used, weights, base=base, recompress_rank=opts.recompress_rank
             )
         merged.config["base_model_name_or_path"] = str(base.spec) if base is not None else None
+        rank_out = max((m.rank for m in merged.modules.values()), default=0)
+        if merged.full_tensors:
+            warnings.append("the merged adapter carries modules_to_save tensors "
+                            f"({sorted(merged.full_tensors)}): PEFT loads it, vLLM refuses adapters with modules_to_save")
+        if rank_out > VLLM_DEFAULT_MAX_LORA_RANK:
+            warnings.append(f"merged rank {rank_out} (rank concatenation adds ranks) exceeds vLLM's default "
+                            f"max_lora_rank={VLLM_DEFAULT_MAX_LORA_RANK}: serve with --max-lora-rank >= {rank_out} "
+                            "or merge with --recompress-rank")
+        for w in warnings[-2:]:
+            if "vLLM" in w:
+                log.warning(w)
         errors = [e["recompression_rel_error"] for e in module_report.values() if "recompression_rel_error" in e]
         resolved = (config or MergeConfig(**opts.model_dump())).model_dump()
         resolved.update({"base": str(base.spec) if base is not None else None,
