@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +89,36 @@ _FORMAT_HINT = (
 )
 
 
-def _where(path: Path, lineno: int) -> str:
-    return f"{path}, line {lineno}"
+def _where(path: Path, lineno: int, what: str = "line") -> str:
+    return f"{path}, {what} {lineno}"
+
+
+def read_text(p: Path) -> str:
+    """A data file's text (UTF-8, BOM tolerated), or a :class:`DataError` naming the file."""
+    try:
+        return p.read_text(encoding="utf-8-sig")  # tolerate a BOM
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{p}: not valid UTF-8 text ({exc}); save the file as UTF-8") from exc
+    except OSError as exc:
+        raise DataError(f"{p}: cannot read the file ({exc}); check the file permissions") from exc
+
+
+def iter_jsonl(p: Path, fix: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(1-based line number, object)`` for every non-blank line of a JSONL file.
+
+    Lines are split on ``\\n`` only (``str.splitlines`` would also split on Unicode separators that may
+    occur inside JSON strings). ``fix`` is appended to the error of a line that is not a JSON object.
+    """
+    for lineno, line in enumerate(read_text(p).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{_where(p, lineno)}: invalid JSON ({exc.msg} at column {exc.colno}); {fix}") from exc
+        if not isinstance(row, dict):
+            raise DataError(f"{_where(p, lineno)}: expected a JSON object, got {type(row).__name__}; {fix}")
+        yield lineno, row
 
 
 def _parse_messages(value: Any, path: Path, lineno: int) -> tuple[tuple[str, str], ...]:
@@ -192,25 +221,7 @@ def load_examples(
         )
     if not p.is_file():
         raise DataError(f"{p}: is not a regular file; give the path of a .jsonl file")
-    try:
-        text = p.read_text(encoding="utf-8-sig")  # tolerate a BOM
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{p}: not valid UTF-8 text ({exc}); save the file as UTF-8 JSONL") from exc
-    except OSError as exc:
-        raise DataError(f"{p}: cannot read data file ({exc}); check the file permissions") from exc
-
-    examples: list[Example] = []
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{_where(p, lineno)}: invalid JSON ({exc.msg} at column {exc.colno}); "
-                f"{_FORMAT_HINT}, each on a single line"
-            ) from exc
-        examples.append(_parse_row(row, p, lineno))
+    examples = [_parse_row(row, p, lineno) for lineno, row in iter_jsonl(p, f"{_FORMAT_HINT}, each on a single line")]
 
     if not examples:
         raise DataError(f"{p}: data file is empty (no rows); add at least one JSON line. {_FORMAT_HINT}")

@@ -37,7 +37,6 @@ the file name without ``_test`` / ``_dev`` / ``_val``), or JSONL rows
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import random
@@ -47,7 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sstmerge.data.jsonl import BUNDLED_NAMES, resolve_data
+from sstmerge.data.jsonl import BUNDLED_NAMES, _where, iter_jsonl, resolve_data
+from sstmerge.data.jsonl import read_text as _read_text
 from sstmerge.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -147,10 +147,6 @@ def resolve_eval_data(spec: str | os.PathLike[str]) -> Path:
     return resolve_data(spec)
 
 
-def _where(path: Path, lineno: int, what: str = "line") -> str:
-    return f"{path}, {what} {lineno}"
-
-
 def _existing(spec: str | os.PathLike[str], kind: str, *, allow_dir: bool = False) -> Path:
     p = resolve_eval_data(spec)
     if not p.exists():
@@ -165,33 +161,9 @@ def _existing(spec: str | os.PathLike[str], kind: str, *, allow_dir: bool = Fals
     return p
 
 
-def _read_text(p: Path) -> str:
-    try:
-        return p.read_text(encoding="utf-8-sig")  # tolerate a BOM
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{p}: not valid UTF-8 text ({exc}); save the file as UTF-8") from exc
-    except OSError as exc:
-        raise DataError(f"{p}: cannot read the file ({exc}); check the file permissions") from exc
-
-
 def _iter_jsonl(p: Path, hint: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(1-based line number, object)`` for every non-blank line of a JSONL file."""
-    for lineno, line in enumerate(_read_text(p).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{_where(p, lineno)}: invalid JSON ({exc.msg} at column {exc.colno}); "
-                f"each line must be one JSON object such as {hint}"
-            ) from exc
-        if not isinstance(row, dict):
-            raise DataError(
-                f"{_where(p, lineno)}: expected a JSON object, got {type(row).__name__}; "
-                f"write each line as an object such as {hint}"
-            )
-        yield lineno, row
+    return iter_jsonl(p, f"each line must be one JSON object such as {hint}")
 
 
 def _iter_csv_rows(p: Path) -> Iterator[tuple[int, list[str]]]:
