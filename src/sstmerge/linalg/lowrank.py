@@ -5,6 +5,8 @@ Notation (one module): ``ΔW_i = s_i · B_i @ A_i`` with ``A_i``: (r_i, d_in), `
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 
 import torch
@@ -76,3 +78,43 @@ def truncate_lora(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Te
     B_k = (U[:, :k] * root[None, :]).to(dtype)  # (d_out, k)
     A_k, B_k = pad_rank(A_k, B_k, rank)
     return A_k, B_k, error
+
+
+def dense_to_lora(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-``rank`` LoRA pair (scale 1) of a dense update ``ΔW`` (d_out, d_in).
+
+    With ``X = ΔW`` (or ``ΔWᵀ`` when d_out < d_in, so that the Gram matrix is on the smaller side, q × q):
+    the top-k eigenvectors ``V_k`` of ``XᵀX`` are X's top-k right singular vectors (k = min(rank, q); only
+    those k are computed, ``scipy.linalg.eigh(subset_by_index=...)``, in float64), and ``X V_k V_kᵀ`` is the
+    truncated SVD of X. The factors are balanced: ``σ_i = ‖X v_i‖``, the i-th column of B and row of A each
+    carry ``σ_i^{1/2}``. The relative error is computed from the residual itself,
+    ``‖X − X V_k V_kᵀ‖_F / ‖X‖_F`` (= the SVD tail ``sqrt(Σ_{i>k} σ_i²) / ‖σ‖``), 0 when ΔW = 0.
+
+    Returns ``A'`` (rank, d_in), ``B'`` (d_out, rank) zero-padded to ``rank``, in float32 (or ΔW's dtype if
+    wider), and the relative error.
+    """
+    import scipy.linalg
+
+    if rank <= 0:
+        raise ValueError(f"recompression rank must be positive, got {rank}")
+    dtype = torch.promote_types(torch.float32, delta.dtype)
+    W = delta.detach().to("cpu", torch.float64)
+    transposed = W.shape[0] < W.shape[1]
+    X = W.T if transposed else W  # (p, q), q <= p
+    q = X.shape[1]
+    k = min(rank, q)
+    total = float((X * X).sum())
+    if total == 0.0:
+        return pad_rank(torch.zeros(0, W.shape[1], dtype=dtype), torch.zeros(W.shape[0], 0, dtype=dtype), rank) + (0.0,)
+    _, V = scipy.linalg.eigh((X.T @ X).numpy(), subset_by_index=[q - k, q - 1])  # ascending
+    V = torch.from_numpy(V[:, ::-1].copy())  # (q, k), descending
+    XV = X @ V  # (p, k)
+    sigma = XV.norm(dim=0)  # (k,)
+    error = math.sqrt(float(((X - XV @ V.T) ** 2).sum()) / total)
+    root = sigma.sqrt()
+    inv_root = torch.where(sigma > 0, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
+    if transposed:  # ΔW ≈ V (XV)ᵀ: B = V σ^{1/2}, A = σ^{-1/2} (XV)ᵀ
+        B_k, A_k = V * root[None, :], (XV * inv_root[None, :]).T
+    else:  # ΔW ≈ (XV) Vᵀ: B = XV σ^{-1/2}, A = σ^{1/2} Vᵀ
+        B_k, A_k = XV * inv_root[None, :], (V * root[None, :]).T
+    return (*pad_rank(A_k.to(dtype).contiguous(), B_k.to(dtype).contiguous(), rank), error)

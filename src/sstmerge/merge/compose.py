@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -12,7 +13,10 @@ from .._logging import quiet
 from ..errors import AdapterMismatchError
 from ..io.adapter import LoraAdapter, LoraModule
 from ..io.models import BaseModelInfo
-from ..linalg.lowrank import concat_lora, pad_rank, truncate_lora
+from ..linalg.lowrank import concat_lora, dense_to_lora, pad_rank, truncate_lora
+
+if TYPE_CHECKING:
+    from .baselines import DeltaMergeMethod
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +117,56 @@ def _merge_full_tensors(sources, safety_weights: dict[str, float], base: BaseMod
                 total += weight * (adapter.full_tensors[key].to(torch.float64) - w_base)
         out[key] = total.to(torch.float32)
     return out
+
+
+def compose_dense(
+    method: DeltaMergeMethod,
+    utility: Sequence[LoraAdapter],
+    coefficients: Sequence[float],
+    safety: LoraAdapter | None,
+    safety_weights: dict[str, float],
+    options: Any,
+    *,
+    recompress_rank: int | None = None,
+) -> tuple[LoraAdapter, dict]:
+    """Run a dense method module by module over the union of modules and factor each result back into LoRA.
+
+    For module m: ``ΔW_Ui^m`` and ``ΔW_S^m`` in float64 from the factors (an adapter missing m contributes
+    nothing and is listed under ``absent_in``), ``ΔW^m = method.merge_module(...)``, then the best rank-R pair
+    by truncated SVD with ``R = recompress_rank`` or, by default, ``min(Σ ranks of the inputs present, d_out,
+    d_in)`` (the rank the exact task-arithmetic sum would have). The relative Frobenius error of that
+    truncation is ``recompression_rel_error`` (≈ 0 when ΔW^m has rank ≤ R, e.g. safe_lora and safemerge;
+    real for TIES/DARE/magnitude, whose pruned sums are full rank). Only one module's dense matrices are held
+    at a time. Full-tensor entries (modules_to_save) are refused by the caller.
+    """
+    sources: list[tuple[str, LoraAdapter]] = [(f"utility[{i}]", a) for i, a in enumerate(utility)]
+    if safety is not None:
+        sources.append(("safety", safety))
+    names = sorted({m for _, a in sources for m in a.modules})
+    merged_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    report: dict[str, dict] = {}
+    for module in tqdm(names, desc=method.name, unit="module", disable=quiet(), leave=False):
+        present = [label for label, a in sources if module in a.modules]
+        entry: dict = {"present_in": present, "absent_in": [label for label, a in sources if module not in a.modules]}
+        u_deltas, u_coefs = [], []
+        for a, c in zip(utility, coefficients):
+            if module in a.modules:
+                u_deltas.append(a.modules[module].delta(torch.float64))  # (d_out, d_in)
+                u_coefs.append(c)
+        s_delta = safety.modules[module].delta(torch.float64) if safety is not None and module in safety.modules else None
+        if s_delta is not None:
+            entry["safety_weight"] = safety_weights.get(module, 0.0)
+        dW, facts = method.merge_module(module, u_deltas, u_coefs, s_delta, safety_weights.get(module, 0.0), options)
+        rank_in = sum(a.modules[module].rank for _, a in sources if module in a.modules)
+        rank = recompress_rank if recompress_rank is not None else min(rank_in, *dW.shape)
+        A, B, err = dense_to_lora(dW, rank)
+        entry.update(facts)
+        entry.update({"rank_inputs": rank_in, "rank": rank, "recompression_rel_error": err})
+        merged_pairs[module] = (A, B)
+        report[module] = entry
+    partial = [m for m, e in report.items() if e["absent_in"]]
+    if partial:
+        log.info("%d of %d modules are missing from some adapters (they contribute zero there; see report)", len(partial), len(names))
+    rank = max((a.shape[0] for a, _ in merged_pairs.values()), default=0)
+    modules = {m: LoraModule(*pad_rank(A, B, rank), scale=1.0) for m, (A, B) in merged_pairs.items()}
+    return LoraAdapter(modules=modules, config={"r": rank, "lora_alpha": rank}), report

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..errors import AdapterMismatchError, ConfigError
+from ..errors import AdapterMismatchError, ConfigError, UnsupportedAdapterError
 from ..io.adapter import LoraAdapter, read_adapter, write_adapter
 from ..io.atomic import atomic_output_dir
 from ..io.hashing import model_files, sha256_file, sha256_files
@@ -21,9 +21,10 @@ from ..io.models import BaseModelInfo, load_base_info
 from ..io.validate import validate_against_base, validate_consistent
 from ..data.jsonl import load_examples, resolve_data
 from ..fisher.run import compute_fisher
-from .compose import compose_adapters, utility_coefficients
+from .baselines import DeltaMergeMethod
+from .compose import compose_adapters, compose_dense, utility_coefficients
 from .tables import PRESETS, WEIGHT_TABLES, load_table
-from .methods import METHODS
+from .methods import METHODS, safety_weights
 from .options import MergeConfig, MergeOptions, build_config
 from .report import now_iso, plot_spectrum, summary_text, versions, write_report_files
 
@@ -137,6 +138,17 @@ class SSTMerger:
         if opts.mode == "layerwise":
             load_table(opts.preset, PRESETS, lo=0.0, hi=1.0)
 
+    @staticmethod
+    def _refuse_full_tensors(opts: MergeOptions, adapters: Sequence[LoraAdapter]) -> None:
+        """Dense modes merge LoRA modules only; a modules_to_save copy would be dropped or misread otherwise."""
+        for adapter in adapters:
+            if adapter.full_tensors:
+                raise UnsupportedAdapterError(
+                    f"{adapter.name}: mode {opts.mode!r} merges the LoRA modules' dense updates and does not handle "
+                    f"modules_to_save tensors ({sorted(adapter.full_tensors)}); use mode 'direct' (it merges them as "
+                    "differences from the base weight) or an adapter trained without modules_to_save"
+                )
+
     def merge(
         self,
         utility: Sequence[LoraAdapter | str | Path],
@@ -156,6 +168,9 @@ class SSTMerger:
                 f"utility_weights has {len(opts.utility_weights)} values for {len(utility)} utility adapters; give one per adapter"
             )
         method = METHODS.get(opts.mode)()
+        dense = isinstance(method, DeltaMergeMethod)
+        if method.needs_safety and safety is None:
+            raise ConfigError(f"mode {opts.mode!r} compares or projects against the safety adapter: pass --safety S")
         warnings: list[str] = []
         with timer.stage("load_inputs"):
             base = self.base_info()
@@ -173,6 +188,8 @@ class SSTMerger:
                 self._validate_fisher_inputs(opts, base, safety_adapter)
             if opts.layer_weights is not None:
                 load_table(opts.layer_weights, WEIGHT_TABLES)
+            if dense:
+                self._refuse_full_tensors(opts, everything)
         coefficients = utility_coefficients(len(utility_adapters), opts.utility_coefficients, opts.utility_weights)
         method_report: dict[str, Any] = {}
 
@@ -181,17 +198,25 @@ class SSTMerger:
                 return compute_fisher(base, utility_adapters, coefficients, safety_adapter, opts.fisher_settings(),
                                       self.cache_dir)
 
-        with timer.stage("plan_safety"):
-            if safety_adapter is not None:
-                context = {"base": base, "utility": utility_adapters, "fisher": fisher_provider}
-                plan = method.plan_safety(safety_adapter, opts, context)
-                safety_used, weights, method_report = plan.safety, plan.weights, plan.report
-            else:
-                safety_used, weights = None, {}
-        with timer.stage("compose"):
-            merged, module_report = compose_adapters(
-                utility_adapters, coefficients, safety_used, weights, base=base, recompress_rank=opts.recompress_rank
-            )
+        if dense:
+            with timer.stage("compose"):
+                weights, table = safety_weights(safety_adapter, opts) if safety_adapter is not None else ({}, None)
+                merged, module_report = compose_dense(method, utility_adapters, coefficients, safety_adapter, weights,
+                                                      opts, recompress_rank=opts.recompress_rank)
+            method_report = {**method.describe(opts), **method.summarize(module_report),
+                             **({"layer_weights": table} if table else {})}
+        else:
+            with timer.stage("plan_safety"):
+                if safety_adapter is not None:
+                    context = {"base": base, "utility": utility_adapters, "fisher": fisher_provider}
+                    plan = method.plan_safety(safety_adapter, opts, context)
+                    safety_used, weights, method_report = plan.safety, plan.weights, plan.report
+                else:
+                    safety_used, weights = None, {}
+            with timer.stage("compose"):
+                merged, module_report = compose_adapters(
+                    utility_adapters, coefficients, safety_used, weights, base=base, recompress_rank=opts.recompress_rank
+                )
         merged.config["base_model_name_or_path"] = str(base.spec) if base is not None else None
         rank_out = max((m.rank for m in merged.modules.values()), default=0)
         if merged.full_tensors:

@@ -1,8 +1,10 @@
-"""Merge methods: one small interface + an explicit registry.
+"""Merge methods: two small interfaces + one explicit registry.
 
-A method decides the *projected safety adapter* S' and the per-module safety weight w^m; composition
-(``ΔW^m = Σ_i c_i ΔW_Ui^m + w^m ΔW_S'^m``, exact by rank concatenation) is shared and lives in
+A :class:`MergeMethod` decides the *projected safety adapter* S' and the per-module safety weight w^m;
+composition (``ΔW^m = Σ_i c_i ΔW_Ui^m + w^m ΔW_S'^m``, exact by rank concatenation) is shared and lives in
 :mod:`sstmerge.merge.compose`. ``w^m = safety_weight × layer_weights[type(m)]`` (table optional, any mode).
+A :class:`~sstmerge.merge.baselines.DeltaMergeMethod` (TIES, DARE, magnitude, Safe LoRA, SafeMERGE) instead
+merges the dense updates module by module (:func:`sstmerge.merge.compose.compose_dense`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ..errors import FisherError
 from ..io.adapter import LoraAdapter, LoraModule
 from ..linalg.projection import layerwise_blend
 from ..registry import Registry
+from .baselines import BASELINES, DeltaMergeMethod
 from .tables import PRESETS, WEIGHT_TABLES, load_table, lookup
 
 if TYPE_CHECKING:
@@ -49,6 +52,7 @@ class MergeMethod(ABC):
 
     name: ClassVar[str]
     needs_fisher: ClassVar[bool] = False
+    needs_safety: ClassVar[bool] = False
 
     @abstractmethod
     def plan_safety(self, safety: LoraAdapter, options: MergeOptions, context: dict[str, Any]) -> SafetyPlan:
@@ -69,6 +73,11 @@ class _SubspaceMerge(MergeMethod):
     """Shared part of the Fisher-subspace modes: P φ from the Fisher pass, then a per-module blend."""
 
     needs_fisher = True
+    needs_safety = True
+
+    def estimator(self, options: MergeOptions) -> str:
+        """Fisher estimator used for P φ: ``options.fisher`` unless the method forces one."""
+        return options.fisher
 
     @abstractmethod
     def strength(self, module: str, options: MergeOptions) -> float:
@@ -89,7 +98,8 @@ class _SubspaceMerge(MergeMethod):
             )
         phi = flat_phi(safety)
         run = context["fisher"]()  # computed or loaded from the cache
-        proj = project_safety(run, phi, k=options.k, scope=options.scope, estimator=options.fisher,
+        estimator = self.estimator(options)
+        proj = project_safety(run, phi, k=options.k, scope=options.scope, estimator=estimator,
                               eps=options.damping, clamp_k=options.clamp_k)
         modules, kept = {}, {}
         for m, lm in safety.modules.items():
@@ -113,7 +123,7 @@ class _SubspaceMerge(MergeMethod):
         phi_all = torch.cat([phi[m] for m in sorted(phi)])
         P_all = torch.cat([proj.P_phi[m] for m in sorted(phi)])
         report = {
-            "estimator": options.fisher,
+            "estimator": estimator,
             "scope": options.scope,
             "k_requested": options.k,
             "effective_k": proj.effective_k,
@@ -154,7 +164,21 @@ class LayerwiseMerge(_SubspaceMerge):
         return {"preset": options.preset, "strengths": load_table(options.preset, PRESETS, lo=0.0, hi=1.0)}
 
 
-METHODS: Registry[type[MergeMethod]] = Registry("merge mode")
+class FisherMaskMerge(ResidualMerge):
+    """Diagonal-Fisher mask baseline: residual blend with P φ = top-k coordinates of F_harm/F_benign (always diagonal)."""
+
+    name = "fisher_mask"
+
+    def estimator(self, options: MergeOptions) -> str:
+        if options.fisher != "diagonal":
+            log.info("fisher_mask always uses the diagonal Fisher estimator (fisher=%r is ignored)", options.fisher)
+        return "diagonal"  # the coordinate mask is the point of this baseline
+
+
+METHODS: Registry[type[MergeMethod] | type[DeltaMergeMethod]] = Registry("merge mode")
 METHODS.register("direct", DirectMerge)
 METHODS.register("residual", ResidualMerge)
 METHODS.register("layerwise", LayerwiseMerge)
+METHODS.register("fisher_mask", FisherMaskMerge)
+for _baseline in BASELINES:
+    METHODS.register(_baseline.name, _baseline)

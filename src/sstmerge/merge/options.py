@@ -17,7 +17,8 @@ class MergeOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    mode: str = Field("direct", description="merge method (see `sst-merge methods`): direct, ...")
+    mode: str = Field("direct", description="merge method (see `sst-merge methods`): direct, residual, layerwise, fisher_mask, "
+        "ties, dare_linear, dare_ties, magnitude, safe_lora, safemerge")
     safety_weight: float = Field(1.0, description="global weight w of the safety adapter; -1 negates it")
     utility_coefficients: Literal["sum", "average"] = Field(
         "sum", description="utility coefficients c_i: 'sum' (c_i = 1) or 'average' (c_i = 1/n)"
@@ -25,12 +26,13 @@ class MergeOptions(BaseModel):
     utility_weights: list[float] | None = Field(
         None, description="per-utility-adapter weights, multiplied into c_i (one per --utility, same order)"
     )
-    k: int = Field(10, ge=1, description="dimension of the safety subspace (residual/layerwise modes)")
+    k: int = Field(10, ge=1, description="dimension of the safety subspace (residual/layerwise/fisher_mask modes)")
     residual_ratio: float = Field(
-        0.7, ge=0.0, le=1.0, description="residual mode: φ' = (1-r)·Pφ + r·φ; 1 = direct, 0 = full projection"
+        0.7, ge=0.0, le=1.0, description="residual and fisher_mask modes: φ' = (1-r)·Pφ + r·φ; 1 = direct, 0 = full projection"
     )
     recompress_rank: int | None = Field(
-        None, ge=1, description="recompress every merged module to this rank by truncated SVD (error reported)"
+        None, ge=1, description="recompress every merged module to this rank by truncated SVD (error reported); dense "
+        "modes (ties, dare_*, magnitude, safe_lora, safemerge) default to the sum of the input ranks"
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the written adapter")
     preset: str = Field(
@@ -50,8 +52,22 @@ class MergeOptions(BaseModel):
     harmful_data: str = Field("bundled:harmful_train", description="Fisher: JSONL of harmful prompts with refusals")
     benign_data: str = Field("bundled:benign_train", description="Fisher: JSONL of benign task examples")
     max_samples: int | None = Field(64, ge=1, description="Fisher: at most N examples per data file (seeded)")
-    seed: int = Field(0, description="Fisher: sampling seed")
+    seed: int = Field(0, description="Fisher: sampling seed; dare_*: drop masks (per module: seed + crc32(name))")
     max_length: int = Field(256, ge=2, description="Fisher: max tokens per example")
+    density: float = Field(
+        0.5, gt=0.0, le=1.0, description="ties, dare_linear, dare_ties, magnitude: share of the entries of each "
+        "ΔW that is kept (1 = no pruning)",
+    )
+    majority_sign_method: Literal["total", "frequency"] = Field(
+        "total", description="ties, dare_ties: elect the sign of the summed values (total) or the most frequent sign"
+    )
+    similarity_threshold: float = Field(
+        0.35, ge=0.0, le=2.0, description="safe_lora, safemerge: τ; a utility update with cos(ΔW_U, P_V ΔW_U) < τ "
+        "is projected (safe_lora) or flags its module (safemerge); 0 = never, > 1 = always",
+    )
+    safemerge_alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="safemerge: flagged modules get α·Σ c_i ΔW_Ui + (1-α)·w·ΔW_S"
+    )
 
     @field_validator("mode")
     @classmethod

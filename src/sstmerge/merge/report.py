@@ -57,12 +57,20 @@ def summary_text(report: dict[str, Any]) -> str:
             lines.append(f"  residual_ratio: {m['residual_ratio']}")
         if m.get("preset"):
             lines.append(f"  preset: {m['preset']} {m['strengths']}")
+    for key in ("density", "majority_sign_method", "seed", "similarity_threshold", "safemerge_alpha"):
+        if m.get(key) is not None:
+            lines.append(f"{key}: {m[key]}")
+    if m.get("n_modules_tested") is not None:
+        lines.append(f"safe_lora: projected {m['n_modules_projected']} of {m['n_modules_tested']} modules")
+    if m.get("n_modules_flagged") is not None:
+        lines.append(f"safemerge: flagged {m['n_modules_flagged']} modules")
     if m.get("layer_weights"):
         lines.append(f"layer weights: {m['layer_weights']}")
     out = report.get("output", {})
     lines.append(f"output rank: {out.get('rank')}   modules: {out.get('n_modules')}   partial modules: {out.get('n_partial_modules')}")
     if out.get("max_recompression_rel_error") is not None:
-        lines.append(f"recompression to rank {cfg['recompress_rank']}: max relative Frobenius error {out['max_recompression_rel_error']:.3e}")
+        lines.append(f"recompression (truncated SVD) to rank {out.get('rank')}: max relative Frobenius error "
+                     f"{out['max_recompression_rel_error']:.3e}")
     lines.append("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in report["timings"].items()))
     for w in report.get("warnings", []):
         lines.append(f"warning: {w}")
