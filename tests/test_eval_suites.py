@@ -104,3 +104,37 @@ def test_cuda_request_without_gpu_is_a_clear_error(tiny_base):
 
     with pytest.raises(ModelError, match="--device cpu"):
         load_causal_lm(str(tiny_base), device="cuda")
+
+
+def test_arithmetic_suite_and_rotating_templates(tiny_base, tmp_path):
+    settings = EvalSettings(max_new_tokens=4, batch_size=4, limit=5, templates_per_prompt=2)
+    res = evaluate(str(tiny_base), ["arithmetic", "jailbreak"], settings=settings, cache_dir=tmp_path)
+    ar = res["suites"]["arithmetic"]
+    assert ar["metrics"]["n"] == 5 and set(ar["metrics"]["accuracy_by_operation"]) <= {"add", "sub", "mul"}
+    assert all(isinstance(r["answer"], int) and "prediction" in r for r in ar["records"])
+    jb = res["suites"]["jailbreak"]["records"]
+    assert len(jb) == 5 * 3  # plain + 2 templates per prompt
+    wrapped = [r["template"] for r in jb if r["template"] != "plain"]
+    assert len(set(wrapped)) == 6  # rotation: prompt i gets templates i and i+1
+    # the rotation is part of the cache key: all templates again is a different result
+    full = evaluate(str(tiny_base), ["jailbreak"], settings=EvalSettings(max_new_tokens=4, batch_size=4, limit=5),
+                    cache_dir=tmp_path)
+    assert full["suites"]["jailbreak"]["cache_hit"] is False
+
+
+def test_vllm_backend_absent_is_a_clear_error(tiny_base, tmp_path):
+    import importlib.util
+
+    from sstmerge.eval.vllm_backend import vllm_max_lora_rank
+    from sstmerge.errors import UnsupportedAdapterError
+
+    assert [vllm_max_lora_rank(r) for r in (1, 8, 9, 24, 512)] == [1, 8, 16, 32, 512]
+    with pytest.raises(UnsupportedAdapterError, match="recompress"):
+        vllm_max_lora_rank(600)
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(cli, ["eval", "--base", str(tiny_base), "--suite", "overrefusal", "--backend", "vllm",
+                                   "--out", str(out)])
+    assert res.exit_code == 2 and "pip install vllm" in res.stderr and "--backend hf" in res.stderr
+    assert not out.exists()

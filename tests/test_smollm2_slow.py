@@ -79,3 +79,18 @@ def test_residual_merge_end_to_end_reuses_fisher(smollm2_dir, tmp_path):
     assert m2["fisher"]["cache_hit"] is True
     assert second.report["timings"]["fisher"] < first.report["timings"]["fisher"] / 3
     assert m2["eigenvalues"]["global"] == pytest.approx(ev)
+
+
+def test_quick_profile_on_smollm2(tmp_path):
+    """`sst-merge demo --quick` on the real model: every stage runs, the safety adapter refuses more than the
+    base model, and every merge is evaluated on every column."""
+    from sstmerge.pipeline.experiments import load_experiment_config, run_experiments
+
+    cfg = load_experiment_config("default", quick=True)
+    result = run_experiments(cfg, tmp_path / "quick")
+    rows = {r["name"]: r for r in result["rows"]}
+    assert len(rows) == 4 + 4
+    assert rows["A7 alone"]["jailbreak_plain"] >= rows["base"]["jailbreak_plain"] + 0.5
+    for r in rows.values():
+        assert r["safety"] is not None and r["utility"] is not None
+    assert (tmp_path / "quick" / "safety_vs_utility.png").is_file()

@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 
 import click
+from pydantic import ValidationError
 
 from .._logging import setup_logging
 from ..errors import ConfigError, SSTMergeError
@@ -17,7 +18,7 @@ from ..errors import ConfigError, SSTMergeError
 log = logging.getLogger("sstmerge.cli")
 
 #: options that take several values after one flag (``--utility U1 U2``)
-GREEDY = ("--utility", "--utility-weights")
+GREEDY = ("--utility", "--utility-weights", "--target-modules")
 
 
 def expand_greedy(argv: list[str]) -> list[str]:
@@ -212,7 +213,7 @@ def inspect(adapter: str, allow_pickle: bool, as_json: bool) -> None:
 @cli.command("eval")
 @click.option("--base", default="smollm2", show_default=True, help="base model: alias or local HF folder")
 @click.option("--adapter", default=None, help="LoRA adapter folder to evaluate on top of the base")
-@click.option("--suite", "suites", multiple=True, required=True, help="jailbreak | overrefusal | mcq | qa (repeatable)")
+@click.option("--suite", "suites", multiple=True, required=True, help="jailbreak | overrefusal | mcq | qa | arithmetic (repeatable)")
 @click.option("--data", "data", multiple=True, help="data file: FILE (one suite) or SUITE=FILE; default: bundled data")
 @click.option("--templates", default=None, help="jailbreak templates (JSONL or text blocks with {prompt})")
 @click.option("--limit", type=int, default=None, help="at most N items per suite")
@@ -224,9 +225,13 @@ def inspect(adapter: str, allow_pickle: bool, as_json: bool) -> None:
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False))
 @click.option("--no-cache", is_flag=True, help="recompute even if a cached result exists")
 @click.option("--device", default="auto", show_default=True, help="auto (a CUDA GPU when present), cpu or cuda")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="generation backend: hf (transformers, batched) or vllm (GPU; the adapter as a LoRA request)")
+@click.option("--templates-per-prompt", type=int, default=None,
+              help="jailbreak: wrap each prompt in N templates (rotating) instead of all of them")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="results JSON (written atomically)")
 def eval_command(base, adapter, suites, data, templates, limit, max_new_tokens, batch_size, shots, judges, cache_dir,
-                 no_cache, device, out) -> None:
+                 no_cache, device, backend, templates_per_prompt, out) -> None:
     """Evaluate a base model (+ adapter): jailbreak resistance, over-refusal, multiple choice, reading comprehension."""
     from rich.console import Console
     from rich.table import Table
@@ -246,7 +251,7 @@ def eval_command(base, adapter, suites, data, templates, limit, max_new_tokens, 
             else:
                 raise ConfigError(f"--data {d!r}: with several suites write SUITE=FILE (suites: {', '.join(suites)})")
         settings = EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, shots=shots,
-                                judges=tuple(judges))
+                                judges=tuple(judges), backend=backend, templates_per_prompt=templates_per_prompt)
         result = evaluate(base, list(suites), adapter=adapter, data=data_map, templates=templates, settings=settings,
                           cache_dir=cache_dir, use_cache=not no_cache, device=device)
         atomic_write_text(out, json.dumps(result, indent=2, default=str) + "\n")
@@ -259,6 +264,48 @@ def eval_command(base, adapter, suites, data, templates, limit, max_new_tokens, 
         table.add_row(*(escape(x) for x in row))
     Console().print(table)
     click.echo(str(Path(out).resolve()))
+
+
+def _train_command() -> click.Command:
+    from ..train.sft import TrainOptions
+
+    def callback(base, data, out, max_samples, overwrite, cache_dir, **flags) -> None:
+        from ..train.sft import train_from_files
+
+        try:
+            values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()
+                      if v is not None and not (isinstance(v, tuple) and not v)}
+            try:
+                options = TrainOptions(**values)
+            except ValidationError as exc:
+                raise ConfigError("; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']} "
+                                            f"(got {e.get('input')!r})" for e in exc.errors())) from None
+            path = train_from_files(base, list(data), out, options, max_samples=max_samples, cache_dir=cache_dir,
+                                    overwrite=overwrite)
+        except SSTMergeError as exc:
+            _fail(exc)
+        report = json.loads((path / "train_report.json").read_text())
+        click.echo(f"loss {report['initial_loss']:.4f} -> {report['final_loss']:.4f} "
+                   f"({report['n_examples']} examples, {options.steps} steps, {report['seconds']:.0f} s)", err=True)
+        click.echo(str(path))
+
+    params = [
+        click.Option(["--base"], default="smollm2", show_default=True, help="base model: alias or local HF folder"),
+        click.Option(["--data"], multiple=True, required=True,
+                     help="training JSONL (prompt/response or messages; 'bundled:NAME'); repeatable, concatenated"),
+        click.Option(["--out"], required=True, type=click.Path(file_okay=False), help="adapter folder (atomic)"),
+        click.Option(["--max-samples"], type=int, default=None, help="at most N examples per data file (seeded)"),
+        click.Option(["--overwrite"], is_flag=True, help="replace --out if it exists"),
+        click.Option(["--cache-dir"], default=None, type=click.Path(file_okay=False)),
+    ] + options_from_model(TrainOptions)
+    return click.Command(
+        "train", callback=callback, params=params,
+        help="Train a PEFT LoRA adapter on JSONL data (loss on the response tokens only), written atomically "
+        "with train_report.json.",
+    )
+
+
+cli.add_command(_train_command())
 
 
 @cli.command()
@@ -301,30 +348,43 @@ def tiny_model(out: str, seed: int) -> None:
     click.echo(str(Path(out).resolve()))
 
 
-@cli.command()
-@click.option("--base", default="smollm2", show_default=True, help="base model: alias or local HF folder")
-@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--steps", default=30, show_default=True, help="training steps per adapter")
-@click.option("--eval-samples", default=24, show_default=True, help="held-out prompts per eval set")
-@click.option("--safety-weight", default=1.0, show_default=True)
-@click.option("--k", default=10, show_default=True, help="residual merge: subspace dimension")
-@click.option("--residual-ratio", default=0.7, show_default=True, help="residual merge: r")
-@click.option("--cache-dir", default=None, type=click.Path(file_okay=False))
-def demo(base: str, out: str, steps: int, eval_samples: int, safety_weight: float, k: int, residual_ratio: float,
-         cache_dir: str | None) -> None:
-    """Main job on the embedded default: train utility + safety LoRAs on the bundled data, merge, evaluate.
+def _run_grid(config: str, quick: bool, out: str, base: str | None, cache_dir: str | None) -> None:
+    from ..pipeline.experiments import load_experiment_config, run_experiments, summary_table
 
-    Resumable: finished stages in OUT are reused."""
-    from ..pipeline.demo import DemoOptions, run_demo, summary_table
-
+    overrides = {k: v for k, v in (("base", base), ("cache_dir", cache_dir)) if v is not None}
     try:
-        summary = run_demo(DemoOptions(base=base, out=out, steps=steps, eval_samples=eval_samples,
-                                       safety_weight=safety_weight, k=k, residual_ratio=residual_ratio,
-                                       cache_dir=cache_dir))
+        cfg = load_experiment_config(config, quick=quick, overrides=overrides)
+        result = run_experiments(cfg, out, config_source=f"{config}{' --quick' if quick else ''}")
     except SSTMergeError as exc:
         _fail(exc)
-    click.echo(summary_table(summary))
-    click.echo(f"details: {Path(out) / 'demo_summary.json'}")
+    click.echo(summary_table(result))
+    for name, g in result["adapter_task_gain"].items():
+        click.echo(f"{name} on {g['task']}: base {g['base']} -> adapter {g['adapter']}"
+                   f"{'' if g['improved'] else '  (NOT improved)'}")
+    click.echo(f"results: {Path(out) / 'results.md'}, {Path(out) / 'results.csv'}, "
+               f"{Path(out) / 'safety_vs_utility.png'} ({result['seconds']:.0f} s)")
+
+
+@cli.command()
+@click.option("--config", default="default", show_default=True, help="experiment YAML (a path, or 'default')")
+@click.option("--quick", is_flag=True, help="apply the config's quick: overrides (fewer steps, samples, experiments)")
+@click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--base", default=None, help="override the config's base model")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False))
+def experiments(config: str, quick: bool, out: str, base: str | None, cache_dir: str | None) -> None:
+    """Run the experiment grid: train adapters, merge every way (SST-Merge modes + baselines), evaluate all,
+    write results.csv / results.md / safety_vs_utility.png. Resumable: finished pieces in OUT are reused."""
+    _run_grid(config, quick, out, base, cache_dir)
+
+
+@cli.command()
+@click.option("--quick", is_flag=True, help="the quick profile (under 10 minutes on 2 CPU cores)")
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--base", default=None, help="override the base model (default: the bundled SmolLM2)")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False))
+def demo(quick: bool, out: str, base: str | None, cache_dir: str | None) -> None:
+    """The main job on the embedded default: `experiments --config default` (SmolLM2 + bundled data)."""
+    _run_grid("default", quick, out, base, cache_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,6 +48,7 @@ from typing import Any
 
 from sstmerge.data.jsonl import BUNDLED_NAMES, _where, iter_jsonl, resolve_data
 from sstmerge.data.jsonl import read_text as _read_text
+from sstmerge.data.tasks import ArithmeticItem
 from sstmerge.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -577,6 +578,30 @@ def load_qa(path: str | os.PathLike[str]) -> list[QAItem]:
     logger.info(
         "loaded %d QA items (%d unanswerable) from %s", len(items), sum(not i.answerable for i in items), p
     )
+    return items
+
+
+def load_arithmetic(path: str | os.PathLike[str]) -> list[ArithmeticItem]:
+    """Read arithmetic word problems from JSONL: ``{"question": str, "answer": int}`` per row (optional ``id``,
+    ``operation``); the default file is ``bundled:arithmetic_eval`` (:mod:`sstmerge.data.make_bundled`).
+
+    Raises:
+        DataError: missing or empty file, bad JSON, missing question, an answer that is not an integer.
+    """
+    hint = '{"question": "Ana has 12 apples and gets 30 more. How many apples does she have?", "answer": 42}'
+    p = _existing(path, "arithmetic file")
+    items: list[ArithmeticItem] = []
+    for lineno, row in _iter_jsonl(p, hint):
+        where = _where(p, lineno)
+        question = _str_field(row, "question", where, f"each row must look like {hint}")
+        answer = row.get("answer")
+        if isinstance(answer, bool) or not isinstance(answer, int):
+            raise DataError(f"{where}: 'answer' must be an integer, got {answer!r}; each row must look like {hint}")
+        qid = _opt_str(row, ("id",), where) or f"{p.stem}:{len(items)}"
+        op = _opt_str(row, ("operation",), where) or "all"
+        items.append(ArithmeticItem(id=qid, question=question, answer=answer, work="", operation=op))
+    if not items:
+        raise DataError(f"{p}: arithmetic file is empty (no rows); add lines such as {hint}")
     return items
 
 

@@ -65,7 +65,21 @@ def _load_suite_data(suite: str, data: str | None, templates: str | None, settin
         return (eval_data.load_mcq(path), dev), digest
     if suite == "qa":
         return (eval_data.load_qa(path),), digest
+    if suite == "arithmetic":
+        return (eval_data.load_arithmetic(path),), digest
     raise ConfigError(f"no data loader for suite {suite!r}")
+
+
+def _generation_config_holder(base_path: Path):
+    """An object with the base model's ``generation_config`` (for its end-of-turn ids) without loading weights."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    try:
+        return SimpleNamespace(generation_config=GenerationConfig.from_pretrained(str(base_path)))
+    except OSError:  # no generation_config.json: the tokenizer's eos only
+        return SimpleNamespace(generation_config=None)
 
 
 def _digest_path(path: Path) -> str:
@@ -86,16 +100,19 @@ def evaluate(
     adapter: str | None = None,
     data: dict[str, str] | None = None,
     templates: str | None = None,
-    settings: EvalSettings | None = None,
+    settings: EvalSettings | dict[str, EvalSettings] | None = None,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     device: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate ``base`` (+ ``adapter``) on ``suites``; returns the full result (metrics + records + provenance)."""
-    settings = settings or EvalSettings()
+    per_suite = settings if isinstance(settings, dict) else {s: settings or EvalSettings() for s in suites}
+    missing = [s for s in suites if s not in per_suite]
+    if missing:
+        raise ConfigError(f"no EvalSettings given for suite(s) {missing}")
     data = data or {}
     if not suites:
-        raise ConfigError("no suite given: pass --suite jailbreak|overrefusal|mcq|qa (several allowed)")
+        raise ConfigError("no suite given: pass --suite jailbreak|overrefusal|mcq|qa|arithmetic (several allowed)")
     for s in suites:
         SUITES.get(s)
     unknown = set(data) - set(suites)
@@ -103,17 +120,27 @@ def evaluate(
         raise ConfigError(f"--data given for suite(s) {sorted(unknown)} that are not being run ({suites})")
     from .judges import JUDGES
 
-    for j in settings.judges:
-        JUDGES.get(j)
-    loaded = {s: _load_suite_data(s, data.get(s), templates, settings) for s in suites}  # validate all data first
+    backends = {per_suite[s].backend for s in suites}
+    for s in suites:
+        for j in per_suite[s].judges:
+            JUDGES.get(j)
+    if backends - {"hf", "vllm"} or len(backends) > 1:
+        raise ConfigError(f"backend {sorted(backends)}: use one of 'hf' (transformers) or 'vllm' for all suites")
+    backend = backends.pop()
+    if backend == "vllm":
+        from .vllm_backend import require_vllm
+
+        require_vllm()
+    loaded = {s: _load_suite_data(s, data.get(s), templates, per_suite[s]) for s in suites}  # validate all data first
 
     base_path = resolve_base(base, cache_dir)
     model_digest = sha256_files(model_files(base_path))
-    adapter_digest = None
+    adapter_digest, adapter_obj = None, None
     if adapter is not None:
         from ..io.adapter import read_adapter
 
-        adapter_digest = sha256_files(read_adapter(adapter).files)  # also validates the adapter
+        adapter_obj = read_adapter(adapter)  # also validates the adapter
+        adapter_digest = sha256_files(adapter_obj.files)
     root = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "eval"
 
     from transformers import AutoTokenizer
@@ -124,10 +151,12 @@ def evaluate(
         raise ConfigError(f"{base_path}: evaluation needs the model's tokenizer, which could not be loaded: {exc}") from exc
     chat_template = getattr(tokenizer, "chat_template", None)
     model = None
+    generator = None
     results: dict[str, Any] = {}
     t_all = time.perf_counter()
     for suite in suites:
         items, digest = loaded[suite]
+        settings = per_suite[suite]
         key_parts = {"format": EVAL_FORMAT, "suite": suite, "model": model_digest, "adapter": adapter_digest,
                      "data": digest, "settings": settings.as_dict(),
                      "chat_template": hashlib.sha256((chat_template or "").encode()).hexdigest()}
@@ -137,7 +166,8 @@ def evaluate(
             log.info("suite %s: cached result %s", suite, cache_file)
             results[suite] = json.loads(cache_file.read_text()) | {"cache_hit": True}
             continue
-        if model is None:
+        needs_hf = backend == "hf" or suite == "mcq" or any(j != "keyword" for j in settings.judges)
+        if model is None and needs_hf:  # with vLLM, the HF model is loaded only for log-likelihoods / model judges
             model, _ = load_causal_lm(str(base_path), device=device)
             if adapter is not None:
                 from peft import PeftModel
@@ -146,9 +176,15 @@ def evaluate(
         judges = {}
         for j in settings.judges:
             judges[j] = JUDGES.get(j)(model, tokenizer)
-            if adapter is not None:  # model-based judges see the base model, the same judge for every adapter
-                judges[j] = _AdapterDisabled(judges[j], model)
-        ctx = SuiteContext(model=model, tokenizer=tokenizer, settings=settings, judges=judges)
+            if adapter is not None and hasattr(judges[j], "model"):  # model-based judges see the base model,
+                judges[j] = _AdapterDisabled(judges[j], model)           # the same judge for every adapter
+        if backend == "vllm" and generator is None:
+            from .generate import end_of_turn_ids
+            from .vllm_backend import VLLMGenerator
+
+            generator = VLLMGenerator(base_path, tokenizer, adapter_obj,
+                                      eos_ids=end_of_turn_ids(_generation_config_holder(base_path), tokenizer))
+        ctx = SuiteContext(model=model, tokenizer=tokenizer, settings=settings, judges=judges, generator=generator)
         t0 = time.perf_counter()
         log.info("running suite %s", suite)
         out = SUITES.get(suite).run(ctx, *items)
@@ -158,7 +194,8 @@ def evaluate(
     return {
         "created": now_iso(),
         "provenance": {"base": base, "base_path": str(base_path), "base_sha256": model_digest, "adapter": adapter,
-                       "adapter_sha256": adapter_digest, "settings": settings.as_dict(), "versions": versions(),
+                       "adapter_sha256": adapter_digest,
+                       "settings": {s: per_suite[s].as_dict() for s in suites}, "versions": versions(),
                        "device": device, "judge_model": "the base model with the adapter disabled (model-based judges)"},
         "suites": results,
         "seconds": time.perf_counter() - t_all,

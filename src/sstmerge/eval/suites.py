@@ -1,4 +1,4 @@
-"""Evaluation suites as data + a registry: jailbreak, overrefusal, mcq, qa.
+"""Evaluation suites as data + a registry: jailbreak, overrefusal, mcq, qa, arithmetic.
 
 Each suite turns items into model queries, scores them and returns ``{"metrics": ..., "records": [...]}``
 where every record holds the prompt, the output and the verdict, so any number can be audited.
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .._logging import quiet
 from ..data.chat import pad_id
 from ..registry import Registry
+from ..data.tasks import ARITHMETIC_INSTRUCTION, QA_INSTRUCTION, extract_final_number
 from .generate import generate, render_prompt
 
 log = logging.getLogger(__name__)
@@ -30,18 +31,33 @@ class EvalSettings:
     limit: int | None = None
     shots: int = 0  # mcq few-shot exemplars
     judges: tuple[str, ...] = ("keyword",)
+    templates_per_prompt: int | None = None  # jailbreak: None = every template on every prompt
+    backend: str = "hf"  # generation backend: "hf" (transformers, batched) or "vllm"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, "limit": self.limit,
-                "shots": self.shots, "judges": list(self.judges)}
+        out = {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, "limit": self.limit,
+               "shots": self.shots, "judges": list(self.judges)}
+        if self.templates_per_prompt is not None:  # absent when unset, so older cache keys stay valid
+            out["templates_per_prompt"] = self.templates_per_prompt
+        if self.backend != "hf":
+            out["backend"] = self.backend
+        return out
 
 
 @dataclass
 class SuiteContext:
-    model: Any
+    model: Any  # the HF model (+ adapter); used for log-likelihood scoring (mcq) and by the default generator
     tokenizer: Any
     settings: EvalSettings
     judges: dict[str, Any] = field(default_factory=dict)  # name -> RefusalJudge
+    generator: Callable[..., list[str]] | None = None  # (prompts, max_new_tokens, desc) -> completions; None: HF
+
+    def complete(self, prompts: Sequence, desc: str = "generate") -> list[str]:
+        """Greedy completions of chat prompts with the settings' max_new_tokens (HF batched, or the backend's)."""
+        if self.generator is not None:
+            return self.generator(list(prompts), max_new_tokens=self.settings.max_new_tokens, desc=desc)
+        return generate(self.model, self.tokenizer, prompts, max_new_tokens=self.settings.max_new_tokens,
+                        batch_size=self.settings.batch_size, desc=desc)
 
 
 def _limit(items: list, limit: int | None) -> list:
@@ -72,19 +88,26 @@ def _refusal_metrics(verdicts: dict[str, list[bool]], groups: list[str] | None =
 
 
 def run_jailbreak(ctx: SuiteContext, prompts: Sequence, templates: Sequence) -> dict[str, Any]:
-    """Share of harmful prompts refused, plain and wrapped in each jailbreak template."""
+    """Share of harmful prompts refused, plain and wrapped in jailbreak templates.
+
+    Every prompt is asked plain and inside every template, or, with ``templates_per_prompt = t``, inside
+    ``t`` templates chosen in rotation (prompt i gets templates i, i+1, ..., i+t-1 mod T), so each template
+    is used about equally often at a fraction of the cost.
+    """
     prompts = _limit(list(prompts), ctx.settings.limit)
+    templates = list(templates)
+    per = ctx.settings.templates_per_prompt
     queries, groups, ids = [], [], []
-    for item in prompts:
+    for n, item in enumerate(prompts):
         queries.append(item.prompt)
         groups.append("plain")
         ids.append(item.id)
-        for t in templates:
+        chosen = templates if per is None else [templates[(n + j) % len(templates)] for j in range(min(per, len(templates)))]
+        for t in chosen:
             queries.append(t.apply(item.prompt))
             groups.append(t.name)
             ids.append(item.id)
-    answers = generate(ctx.model, ctx.tokenizer, queries, max_new_tokens=ctx.settings.max_new_tokens,
-                       batch_size=ctx.settings.batch_size, desc="jailbreak")
+    answers = ctx.complete(queries, desc="jailbreak")
     verdicts = _judge_all(ctx, queries, answers)
     records = [{"id": i, "template": g, "prompt": q, "output": a, "refused": {n: v[k] for n, v in verdicts.items()}}
                for k, (i, g, q, a) in enumerate(zip(ids, groups, queries, answers))]
@@ -95,8 +118,7 @@ def run_overrefusal(ctx: SuiteContext, prompts: Sequence) -> dict[str, Any]:
     """Share of benign (often sensitive-looking) prompts wrongly refused."""
     prompts = _limit(list(prompts), ctx.settings.limit)
     queries = [p.prompt for p in prompts]
-    answers = generate(ctx.model, ctx.tokenizer, queries, max_new_tokens=ctx.settings.max_new_tokens,
-                       batch_size=ctx.settings.batch_size, desc="overrefusal")
+    answers = ctx.complete(queries, desc="overrefusal")
     verdicts = _judge_all(ctx, queries, answers)
     groups = [p.category or "uncategorised" for p in prompts]
     metrics = _refusal_metrics(verdicts, groups)
@@ -176,13 +198,6 @@ def run_mcq(ctx: SuiteContext, items: Sequence, dev: Sequence = ()) -> dict[str,
     return {"metrics": metrics, "records": records}
 
 
-QA_INSTRUCTION = (
-    "Read the document and answer the question with a short phrase taken from the document. "
-    "If the document does not contain the answer, reply exactly: The document does not say.\n\n"
-    "Document:\n{document}\n\nQuestion: {question}"
-)
-
-
 def run_qa(ctx: SuiteContext, items: Sequence) -> dict[str, Any]:
     """RepliQA-style reading comprehension: the document is in the prompt; token F1 / exact match;
     unanswerable items score a correct abstention (not a safety refusal)."""
@@ -190,8 +205,7 @@ def run_qa(ctx: SuiteContext, items: Sequence) -> dict[str, Any]:
 
     items = _limit(list(items), ctx.settings.limit)
     queries = [QA_INSTRUCTION.format(document=it.document, question=it.question) for it in items]
-    answers = generate(ctx.model, ctx.tokenizer, queries, max_new_tokens=ctx.settings.max_new_tokens,
-                       batch_size=ctx.settings.batch_size, desc="qa")
+    answers = ctx.complete(queries, desc="qa")
     records = []
     for it, q, a in zip(items, queries, answers):
         s = score_qa(a, it.answer, it.answerable)
@@ -203,6 +217,24 @@ def run_qa(ctx: SuiteContext, items: Sequence) -> dict[str, Any]:
     metrics = {"n": len(records), "f1": mean(ans, "f1"), "exact_match": mean(ans, "em"),
                "n_unanswerable": len(una), "abstention_accuracy": mean(una, "em"),
                "false_abstention_rate": mean(ans, "abstained")}
+    return {"metrics": metrics, "records": records}
+
+
+def run_arithmetic(ctx: SuiteContext, items: Sequence) -> dict[str, Any]:
+    """Arithmetic word problems: accuracy of the final number (``The answer is N``, else the last integer)."""
+    items = _limit(list(items), ctx.settings.limit)
+    queries = [ARITHMETIC_INSTRUCTION.format(question=it.question) for it in items]
+    answers = ctx.complete(queries, desc="arithmetic")
+    records, per = [], defaultdict(list)
+    for it, q, a in zip(items, queries, answers):
+        pred = extract_final_number(a)
+        ok = pred == it.answer
+        per[it.operation].append(ok)
+        records.append({"id": it.id, "question": it.question, "answer": it.answer, "output": a, "prediction": pred,
+                        "correct": ok})
+    n = len(records)
+    metrics = {"accuracy": sum(r["correct"] for r in records) / max(n, 1), "n": n,
+               "accuracy_by_operation": {k: sum(v) / len(v) for k, v in sorted(per.items())}}
     return {"metrics": metrics, "records": records}
 
 
@@ -221,3 +253,5 @@ SUITES.register("overrefusal", Suite("overrefusal", "wrong refusals of benign, s
                                      "bundled:overrefusal", run_overrefusal))
 SUITES.register("mcq", Suite("mcq", "multiple choice (MMLU format), letter log-likelihood", "bundled:mcq_general", run_mcq))
 SUITES.register("qa", Suite("qa", "reading comprehension (RepliQA format), F1/EM + abstention", "generated:fictional", run_qa))
+SUITES.register("arithmetic", Suite("arithmetic", "arithmetic word problems, accuracy of the final number",
+                                    "bundled:arithmetic_eval", run_arithmetic))

@@ -29,7 +29,7 @@ from ..data.examples import Example
 from ..errors import DataError, ModelError
 from ..io.atomic import atomic_output_dir
 
-__all__ = ["TrainOptions", "train_lora"]
+__all__ = ["TrainOptions", "train_lora", "train_from_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ def train_lora(
     *,
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
+    provenance: dict | None = None,
 ) -> Path:
     """Train a LoRA adapter on ``examples`` and save it (PEFT format) to ``out_dir``.
 
@@ -152,6 +153,7 @@ def train_lora(
                 "losses": losses,
                 "seconds": round(seconds, 3),
                 "base_model_name_or_path": base_model_name_or_path,
+                **(provenance or {}),
                 "versions": {
                     "torch": torch.__version__,
                     "transformers": transformers.__version__,
@@ -221,3 +223,39 @@ def _restore(peft_model, model, requires_grad: dict[str, bool], was_training: bo
         if name in requires_grad:
             p.requires_grad_(requires_grad[name])
     model.train(was_training)
+
+
+def train_from_files(
+    base: str,
+    data: list[str],
+    out_dir: str | os.PathLike,
+    options: TrainOptions,
+    *,
+    max_samples: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    model_and_tokenizer=None,
+) -> Path:
+    """Train a LoRA adapter on ``base`` from JSONL files (``bundled:NAME`` or paths), concatenated in order.
+
+    ``max_samples`` caps each file (seeded by ``options.seed``). The data files' SHA-256 are recorded in
+    ``train_report.json``. ``model_and_tokenizer`` lets a pipeline reuse an already-loaded base model.
+    """
+    from ..data.jsonl import load_examples, resolve_data
+    from ..io.hashing import sha256_file
+    from ..io.models import load_causal_lm, resolve_base
+
+    if not data:
+        raise DataError("no training data: pass --data FILE.jsonl (repeatable; 'bundled:NAME' for bundled files)")
+    examples, sources = [], []
+    for spec in data:
+        path = resolve_data(spec)
+        rows = load_examples(path, max_samples=max_samples, seed=options.seed)  # validates before the model loads
+        examples += rows
+        sources.append({"spec": str(spec), "path": str(path), "sha256": sha256_file(path), "n": len(rows)})
+    if model_and_tokenizer is None:
+        model_and_tokenizer = load_causal_lm(base, cache_dir)
+    model, tokenizer = model_and_tokenizer
+    base_name = str(base) if str(base) == "smollm2" else str(resolve_base(base, cache_dir))
+    return train_lora(model, tokenizer, examples, out_dir, options, base_model_name_or_path=base_name,
+                      overwrite=overwrite, provenance={"data": sources, "base": str(base)})
