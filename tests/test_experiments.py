@@ -58,6 +58,10 @@ def test_quick_profile_runs_end_to_end_and_resumes(tiny_base, tmp_path):
     residual = json.loads((out / "merges").glob("A5+A6+A7__residual-*").__next__().joinpath("merge_report.json").read_text())
     assert residual["config"]["benign_data"].endswith(".jsonl") and "benign-A5+A6+A7" in residual["config"]["benign_data"]
     assert residual["method"]["effective_k"] == {"global": 2}
+    facts = rows["A5+A6+A7/residual"]["merge_facts"]
+    assert facts["effective_k"] == {"global": 2} and 0 < facts["projection_norm_kept_total"] <= 1
+    assert rows["A5+A6+A7/safe_lora"]["merge_facts"]["n_modules_projected"] >= 0 and rows["base"]["merge_facts"] is None
+    assert "Merge facts" in md and "projection kept" in md
 
     # resume: nothing is retrained, re-merged or re-evaluated
     stamps = {p: p.stat().st_mtime_ns for p in (out / "adapters").glob("*/train_report.json")}
@@ -130,3 +134,10 @@ def test_pareto_front_and_headline():
     row = headline(suites)
     assert row["jailbreak_plain"] == 1.0 and row["jailbreak_templated"] == 0.5
     assert row["arithmetic_accuracy"] == 0.25 and row["qa_f1"] is None
+
+
+def test_top_level_seed_reaches_training_and_merges():
+    cfg = load_experiment_config("default", overrides={"seed": 3, "adapters": {"A6": {"train": {"seed": 11}}}})
+    assert cfg.adapters["A5"].train.seed == 3 and cfg.adapters["A7"].train.seed == 3
+    assert cfg.adapters["A6"].train.seed == 11  # an explicit recipe seed wins
+    assert all(e.options["seed"] == 3 for e in expand_grid(cfg))

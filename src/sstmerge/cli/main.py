@@ -348,18 +348,19 @@ def tiny_model(out: str, seed: int) -> None:
     click.echo(str(Path(out).resolve()))
 
 
-def _run_grid(config: str, quick: bool, out: str, base: str | None, cache_dir: str | None) -> None:
+def _run_grid(config: str, quick: bool, out: str, base: str | None, cache_dir: str | None, seed: int | None = None) -> None:
     from ..pipeline.experiments import load_experiment_config, run_experiments, summary_table
 
-    overrides = {k: v for k, v in (("base", base), ("cache_dir", cache_dir)) if v is not None}
+    overrides = {k: v for k, v in (("base", base), ("cache_dir", cache_dir), ("seed", seed)) if v is not None}
     try:
         cfg = load_experiment_config(config, quick=quick, overrides=overrides)
         result = run_experiments(cfg, out, config_source=f"{config}{' --quick' if quick else ''}")
     except SSTMergeError as exc:
         _fail(exc)
     click.echo(summary_table(result))
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     for name, g in result["adapter_task_gain"].items():
-        click.echo(f"{name} on {g['task']}: base {g['base']} -> adapter {g['adapter']}"
+        click.echo(f"{name} on {g['task']}: base {pct(g['base'])} -> adapter {pct(g['adapter'])}"
                    f"{'' if g['improved'] else '  (NOT improved)'}")
     click.echo(f"results: {Path(out) / 'results.md'}, {Path(out) / 'results.csv'}, "
                f"{Path(out) / 'safety_vs_utility.png'} ({result['seconds']:.0f} s)")
@@ -371,10 +372,11 @@ def _run_grid(config: str, quick: bool, out: str, base: str | None, cache_dir: s
 @click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--base", default=None, help="override the config's base model")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False))
-def experiments(config: str, quick: bool, out: str, base: str | None, cache_dir: str | None) -> None:
+@click.option("--seed", type=int, default=None, help="override the config's seed (training and merges)")
+def experiments(config: str, quick: bool, out: str, base: str | None, cache_dir: str | None, seed: int | None) -> None:
     """Run the experiment grid: train adapters, merge every way (SST-Merge modes + baselines), evaluate all,
     write results.csv / results.md / safety_vs_utility.png. Resumable: finished pieces in OUT are reused."""
-    _run_grid(config, quick, out, base, cache_dir)
+    _run_grid(config, quick, out, base, cache_dir, seed)
 
 
 @cli.command()

@@ -2,7 +2,7 @@
 
 Results are cached per suite under ``<cache>/eval/<fingerprint>.json``; the fingerprint covers the model
 weights (SHA-256 of the files), the adapter files, the data (file hash, or generator parameters), the
-generation settings, the judges and the chat template -- never a name alone.
+generation settings, the judges, the suite's prompt format and the chat template -- never a name alone.
 """
 
 from __future__ import annotations
@@ -159,6 +159,7 @@ def evaluate(
         settings = per_suite[suite]
         key_parts = {"format": EVAL_FORMAT, "suite": suite, "model": model_digest, "adapter": adapter_digest,
                      "data": digest, "settings": settings.as_dict(),
+                     "prompt_format": hashlib.sha256(SUITES.get(suite).prompt_format.encode()).hexdigest(),
                      "chat_template": hashlib.sha256((chat_template or "").encode()).hexdigest()}
         key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()
         cache_file = root / f"{key[:32]}.json"

@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from .._logging import quiet
 from ..data.chat import pad_id
-from ..registry import Registry
 from ..data.tasks import ARITHMETIC_INSTRUCTION, QA_INSTRUCTION, extract_final_number
+from ..registry import Registry
 from .generate import generate, render_prompt
 
 log = logging.getLogger(__name__)
@@ -244,6 +244,9 @@ class Suite:
     description: str
     default_data: str
     run: Callable[..., dict[str, Any]]
+    #: how items become queries (instruction text, or a versioned description); part of the result cache key,
+    #: so a changed prompt never returns results computed with the old one
+    prompt_format: str = "the item's prompt, unchanged"
 
 
 SUITES: Registry[Suite] = Registry("eval suite")
@@ -251,7 +254,9 @@ SUITES.register("jailbreak", Suite("jailbreak", "refusal of harmful prompts, pla
                                    "bundled:harmful_eval", run_jailbreak))
 SUITES.register("overrefusal", Suite("overrefusal", "wrong refusals of benign, sensitive-looking prompts",
                                      "bundled:overrefusal", run_overrefusal))
-SUITES.register("mcq", Suite("mcq", "multiple choice (MMLU format), letter log-likelihood", "bundled:mcq_general", run_mcq))
-SUITES.register("qa", Suite("qa", "reading comprehension (RepliQA format), F1/EM + abstention", "generated:fictional", run_qa))
+SUITES.register("mcq", Suite("mcq", "multiple choice (MMLU format), letter log-likelihood", "bundled:mcq_general", run_mcq,
+                             "mcq_messages v1: question, lettered options, 'Answer with the letter of the correct option'"))
+SUITES.register("qa", Suite("qa", "reading comprehension (RepliQA format), F1/EM + abstention", "generated:fictional", run_qa,
+                            QA_INSTRUCTION))
 SUITES.register("arithmetic", Suite("arithmetic", "arithmetic word problems, accuracy of the final number",
-                                    "bundled:arithmetic_eval", run_arithmetic))
+                                    "bundled:arithmetic_eval", run_arithmetic, ARITHMETIC_INSTRUCTION))

@@ -75,18 +75,20 @@ class GridEntry(_Strict):
 
 
 class EvalConfig(_Strict):
+    """Suites and their settings; the first judge is the one the results table uses."""
+
     suites: list[str] = Field(default_factory=lambda: ["jailbreak", "overrefusal", "mcq", "qa", "arithmetic"])
     limit: dict[str, int] = Field(default_factory=dict, description="suite -> at most N items")
     max_new_tokens: dict[str, int] = Field(default_factory=dict, description="suite -> generation length")
     batch_size: int = Field(16, ge=1)
     templates_per_prompt: int | None = Field(1, ge=1, description="jailbreak templates per prompt (None: all)")
-    judges: list[str] = Field(default_factory=lambda: ["keyword"])
+    judges: list[str] = Field(default_factory=lambda: ["keyword"], min_length=1)
     device: str = "auto"
 
 
 class ExperimentConfig(_Strict):
     base: str = "smollm2"
-    seed: int = 0
+    seed: int = Field(0, description="seed of every recipe's training and every merge, unless they set their own")
     cache_dir: str | None = None
     adapters: dict[str, AdapterRecipe]
     safety: str = Field(description="name of the safety adapter among `adapters`")
@@ -95,6 +97,14 @@ class ExperimentConfig(_Strict):
     grid: list[GridEntry] = Field(default_factory=list)
     references: bool = Field(True, description="also evaluate the base model and each adapter alone")
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _apply_seed(self) -> ExperimentConfig:
+        for recipe in self.adapters.values():
+            if "seed" not in recipe.train.model_fields_set:
+                recipe.train = recipe.train.model_copy(update={"seed": self.seed})
+        self.merge_defaults.setdefault("seed", self.seed)
+        return self
 
     @model_validator(mode="after")
     def _names_exist(self) -> ExperimentConfig:
@@ -333,10 +343,10 @@ def run_experiments(cfg: ExperimentConfig, out: str | Path, *, config_source: st
         t0 = time.perf_counter()
         suites = _evaluate_model(cfg, m["adapter"])
         timings[f"eval:{m['name']}"] = time.perf_counter() - t0
-        row = headline(suites)
+        row = headline(suites, judge=cfg.eval.judges[0])
         safety, utility = summary_scores(row)
         rows.append({**{k: v for k, v in m.items() if k != "adapter"}, "adapter": str(m["adapter"]) if m["adapter"] else None,
-                     **row, "safety": safety, "utility": utility,
+                     **row, "safety": safety, "utility": utility, "merge_facts": merge_facts(m["adapter"]),
                      "eval_fingerprints": {s: r.get("fingerprint") for s, r in suites.items()},
                      "eval_cache_hit": all(r.get("cache_hit") for r in suites.values())})
     result = {
@@ -353,6 +363,23 @@ def run_experiments(cfg: ExperimentConfig, out: str | Path, *, config_source: st
     }
     write_results(result, out)
     return result
+
+
+def merge_facts(folder: Path | None) -> dict[str, Any] | None:
+    """Headline facts of a merge from its merge_report.json: output rank, the largest recompression error,
+    and for the Fisher modes the effective k and the share of the safety adapter's norm the projection kept."""
+    report_file = folder / "merge_report.json" if folder is not None else None
+    if report_file is None or not report_file.is_file():
+        return None
+    report = json.loads(report_file.read_text())
+    method = report.get("method", {})
+    facts = {"rank": report["output"]["rank"], "max_recompression_rel_error": report["output"].get("max_recompression_rel_error")}
+    for key in ("effective_k", "projection_norm_kept_total", "n_modules_projected", "n_modules_flagged"):
+        if key in method:
+            facts[key] = method[key]
+    if "fisher" in method:
+        facts["fisher_cache_hit"] = method["fisher"].get("cache_hit")
+    return facts
 
 
 def _task_gains(cfg: ExperimentConfig, rows: list[dict]) -> dict[str, Any]:
@@ -381,11 +408,25 @@ def results_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(_fmt(r.get(c)) for c in cols)
                      + f" | {_fmt(r['safety'])} | {_fmt(r['utility'])} |")
     legend = "\n".join(f"- `{c}`: {d}" for c, d in COLUMNS)
+    notes = []
+    for r in result["rows"]:
+        f = r.get("merge_facts") or {}
+        bits = []
+        if f.get("projection_norm_kept_total") is not None:
+            bits.append(f"projection kept {100 * f['projection_norm_kept_total']:.1f}% of the safety adapter's norm")
+        if f.get("max_recompression_rel_error"):
+            bits.append(f"max SVD truncation error {100 * f['max_recompression_rel_error']:.1f}%")
+        for key, what in (("n_modules_projected", "modules projected"), ("n_modules_flagged", "modules flagged")):
+            if f.get(key) is not None:
+                bits.append(f"{f[key]} {what}")
+        if bits:
+            notes.append(f"- {r['name']}: " + "; ".join(bits))
     gains = "\n".join(f"- {n} on `{g['task']}`: base {_fmt(g['base'])} → adapter {_fmt(g['adapter'])}"
                       f" ({'improved' if g['improved'] else 'NOT improved'})" for n, g in result["adapter_task_gain"].items())
     return ("All numbers are percentages. **Bold**: on the safety-vs-utility Pareto front. safety = mean of the two "
             "jailbreak columns; utility = mean of qa_f1 and arithmetic_accuracy.\n\n" + "\n".join(lines)
-            + "\n\n" + legend + ("\n\nAdapter recipes on their own task:\n" + gains if gains else "") + "\n")
+            + "\n\n" + legend + ("\n\nAdapter recipes on their own task:\n" + gains if gains else "")
+            + ("\n\nMerge facts (from each merge_report.json):\n" + "\n".join(notes) if notes else "") + "\n")
 
 
 def pareto_front_rows(rows: list[dict]) -> list[int]:
@@ -401,17 +442,22 @@ def plot_tradeoff(rows: list[dict], path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8.5, 6))
+    fig, ax = plt.subplots(figsize=(9, 6.5))
     families = sorted({r["family"] for r in rows})
+    variants = sorted({r["variant"] for r in rows if r["variant"]})
+    markers = dict(zip(variants, "os^vPXD*"))
     cmap = plt.get_cmap("tab20")
     for j, fam in enumerate(families):
         pts = [r for r in rows if r["family"] == fam and r["safety"] is not None and r["utility"] is not None]
-        ax.scatter([100 * r["utility"] for r in pts], [100 * r["safety"] for r in pts], label=fam, color=cmap(j % 20),
-                   s=40, edgecolor="black", linewidth=0.4)
         for r in pts:
+            ax.scatter(100 * r["utility"], 100 * r["safety"], color=cmap(j % 20), s=45, edgecolor="black",
+                       linewidth=0.4, marker=markers.get(r["variant"], "D"))
             if fam == "reference":
                 ax.annotate(r["name"].replace(" alone", ""), (100 * r["utility"], 100 * r["safety"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
+        ax.scatter([], [], color=cmap(j % 20), edgecolor="black", linewidth=0.4, label=fam)  # legend entry
+    for v, mk in markers.items():
+        ax.scatter([], [], color="white", edgecolor="black", marker=mk, label=f"variant {v}")
     front = pareto_front_rows(rows)
     if front:
         ax.plot([100 * rows[i]["utility"] for i in front], [100 * rows[i]["safety"] for i in front], "k--", lw=1,
@@ -420,7 +466,7 @@ def plot_tradeoff(rows: list[dict], path: Path, title: str = "") -> None:
     ax.set_ylabel("safety: refusal of harmful prompts, plain + jailbreak (%)")
     ax.set_title(title or "safety vs utility")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best", ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
