@@ -82,21 +82,25 @@ def compose_adapters(
             entry["recompression_rel_error"] = err
         merged_pairs[module] = (A, B)
         report[module] = entry
-    partial = [m for m, e in report.items() if e["absent_in"]]
-    if partial:
-        log.info("%d of %d modules are missing from some adapters (they contribute zero there; see report)", len(partial), len(names))
-
-    rank = max((a.shape[0] for a, _ in merged_pairs.values()), default=0)
-    modules = {}
-    for module, (A, B) in merged_pairs.items():
-        A, B = pad_rank(A, B, rank)
-        modules[module] = LoraModule(A=A, B=B, scale=1.0)
-
+    modules, rank = _common_rank_modules(merged_pairs, report)
     full = _merge_full_tensors(sources, safety_weights, base)
     for key in full:
         report[key] = {"full_tensor": True, "present_in": [lbl for lbl, a, _ in sources if key in a.full_tensors]}
     merged = LoraAdapter(modules=modules, full_tensors=full, config={"r": rank, "lora_alpha": rank})
     return merged, report
+
+
+def _common_rank_modules(
+    merged_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], report: dict[str, dict]
+) -> tuple[dict[str, LoraModule], int]:
+    """Zero-pad every merged ``(A, B)`` to one common rank (scale 1), so the output needs no rank pattern;
+    log how many modules were missing from some adapter. Returns the modules and the rank."""
+    partial = [m for m, e in report.items() if e["absent_in"]]
+    if partial:
+        log.info("%d of %d modules are missing from some adapters (they contribute zero there; see report)",
+                 len(partial), len(merged_pairs))
+    rank = max((a.shape[0] for a, _ in merged_pairs.values()), default=0)
+    return {m: LoraModule(*pad_rank(A, B, rank), scale=1.0) for m, (A, B) in merged_pairs.items()}, rank
 
 
 def _merge_full_tensors(sources, safety_weights: dict[str, float], base: BaseModelInfo | None) -> dict[str, torch.Tensor]:
@@ -164,9 +168,5 @@ def compose_dense(
         entry.update({"rank_inputs": rank_in, "rank": rank, "recompression_rel_error": err})
         merged_pairs[module] = (A, B)
         report[module] = entry
-    partial = [m for m, e in report.items() if e["absent_in"]]
-    if partial:
-        log.info("%d of %d modules are missing from some adapters (they contribute zero there; see report)", len(partial), len(names))
-    rank = max((a.shape[0] for a, _ in merged_pairs.values()), default=0)
-    modules = {m: LoraModule(*pad_rank(A, B, rank), scale=1.0) for m, (A, B) in merged_pairs.items()}
+    modules, rank = _common_rank_modules(merged_pairs, report)
     return LoraAdapter(modules=modules, config={"r": rank, "lora_alpha": rank}), report

@@ -99,14 +99,16 @@ class MergeConfig(MergeOptions):
         return MergeOptions(**{k: getattr(self, k) for k in MergeOptions.model_fields})
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One readable line per problem, with did-you-mean for unknown keys."""
+def format_validation_error(exc: ValidationError, source: str, fields: list[str] | None = None) -> str:
+    """One readable line per problem; unknown keys get a did-you-mean among ``fields`` (default: the
+    MergeConfig keys; pass ``[]`` for nested configs, where a flat list of keys would mislead)."""
     lines = []
-    fields = list(MergeConfig.model_fields)
+    fields = list(MergeConfig.model_fields) if fields is None else fields
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "<root>"
         if err["type"] == "extra_forbidden":
-            lines.append(f"unknown key {loc!r}.{did_you_mean(loc, fields)} Valid keys: {', '.join(fields)}")
+            hint = f"{did_you_mean(loc, fields)} Valid keys: {', '.join(fields)}" if fields else ""
+            lines.append(f"unknown key {loc!r}.{hint}" if hint else f"unknown key {loc!r}")
         else:
             lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
     return f"{source}: " + "; ".join(lines)

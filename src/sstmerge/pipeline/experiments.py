@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..errors import ConfigError
 from ..io.atomic import atomic_write_text
+from ..merge.options import format_validation_error
 from ..registry import did_you_mean
 from ..train.sft import TrainOptions
 
@@ -153,14 +154,7 @@ def load_experiment_config(spec: str | Path, *, quick: bool = False, overrides: 
     try:
         cfg = ExperimentConfig(**raw)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-            if err["type"] == "extra_forbidden":
-                problems.append(f"unknown key {loc!r}")
-            else:
-                problems.append(f"{loc}: {err['msg']}")
-        raise ConfigError(f"{path}: " + "; ".join(problems)) from None
+        raise ConfigError(format_validation_error(exc, str(path), fields=[])) from None
     expand_grid(cfg, source=str(path))  # validates every merge's options now, not halfway through a run
     return cfg
 
@@ -246,9 +240,10 @@ def _merge_all(cfg: ExperimentConfig, experiments: list[Experiment], adapters: d
     from ..merge.merger import merge_utility_safety
 
     folders: dict[str, Path] = {}
+    benign = {v: _benign_data_file(cfg, v, out) for v in {e.variant for e in experiments}}  # one file per variant
     for i, exp in enumerate(experiments, 1):
         opts = dict(exp.options)
-        opts.setdefault("benign_data", _benign_data_file(cfg, exp.variant, out))
+        opts.setdefault("benign_data", benign[exp.variant])
         utility = [str(adapters[u]) for u in cfg.variants[exp.variant]]
         inputs = [utility, str(adapters[cfg.safety]), opts, cfg.base]
         folder = out / "merges" / f"{exp.name.replace('/', '__')}-{_short_hash(inputs)}"
