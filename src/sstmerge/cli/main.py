@@ -104,8 +104,12 @@ def _merge_command() -> click.Command:
         if cfg.safety is None and not cfg.utility:
             raise ConfigError("nothing to merge: pass --utility U1 [U2 ...] and/or --safety S")
         merger = SSTMerger(cfg.base, allow_pickle=cfg.allow_pickle, cache_dir=cfg.cache_dir, **cfg.options().model_dump())
-        result = merger.merge(cfg.utility, cfg.safety, config=cfg)
-        path = save_merged_adapter(result, cfg.out, overwrite=cfg.overwrite)
+        if cfg.stream:  # module by module straight into --out (bounded memory)
+            result = merger.merge_to(cfg.utility, cfg.safety, cfg.out, overwrite=cfg.overwrite, config=cfg)
+            path = result.path
+        else:
+            result = merger.merge(cfg.utility, cfg.safety, config=cfg)
+            path = save_merged_adapter(result, cfg.out, overwrite=cfg.overwrite)
         click.echo(summary_text(result.report), err=True, nl=False)
         click.echo(str(path))
 
@@ -134,13 +138,14 @@ def _fisher_command() -> click.Command:
     from ..merge.options import MergeConfig
 
     keep = ("base", "utility", "safety", "utility_coefficients", "utility_weights", "harmful_data", "benign_data",
-            "max_samples", "seed", "max_length", "damping", "cache_dir")
+            "max_samples", "seed", "max_length", "fisher_batch_size", "fisher_device", "fisher_dtype", "damping", "cache_dir")
     fields = {k: (MergeConfig.model_fields[k].annotation, MergeConfig.model_fields[k]) for k in keep}
     fields["out"] = (str | None, None)
     FisherCommand = create_model("FisherCommand", **fields)
     FisherCommand.model_fields["out"].description = "optional folder for fisher_report.json + spectrum.png"
 
     def run(**flags) -> None:
+        from ..fisher.distributed import init_from_env, shutdown
         from ..fisher.run import compute_fisher
         from ..io.adapter import read_adapter
         from ..io.atomic import atomic_output_dir
@@ -159,10 +164,15 @@ def _fisher_command() -> click.Command:
         utility = [read_adapter(u) for u in cfg.utility]
         safety = read_adapter(cfg.safety)
         coefs = utility_coefficients(len(utility), cfg.utility_coefficients, cfg.utility_weights)
-        run_ = compute_fisher(base, utility, coefs, safety, cfg.fisher_settings(), cfg.cache_dir)
+        dist = init_from_env(cfg.fisher_device)  # torchrun: one process per GPU / CPU worker
+        try:
+            run_ = compute_fisher(base, utility, coefs, safety, cfg.fisher_settings(), cfg.cache_dir, dist=dist)
+        finally:
+            shutdown()
+        if not dist.is_main:
+            return
         stats = run_.stats
-        K = sum(stats.gram.values())
-        sub = safety_subspace_from_gram(K, stats.n_harm, 1, dim=stats.dim(), eps=cfg.damping, clamp_k=True)
+        sub = safety_subspace_from_gram(stats.gram_total, stats.n_harm, 1, dim=stats.dim(), eps=cfg.damping, clamp_k=True)
         spectrum = {"global": sub.eigenvalues.tolist()}
         report = {"fisher": run_.meta, "damping_eps": cfg.damping, "damping_delta": sub.damping,
                   "available_rank": sub.available_rank, "eigenvalues": spectrum, "versions": versions()}
@@ -185,7 +195,9 @@ def _fisher_command() -> click.Command:
     return click.Command(
         "fisher", callback=callback, params=options_from_model(FisherCommand),
         help="Compute (or load from the cache) the Fisher statistics of a safety adapter and show the spectrum. "
-        "Later merges with the same base/adapters/data reuse them for any k, mode, preset or weights.",
+        "Later merges with the same base/adapters/data reuse them for any k, mode, preset or weights. "
+        "Multi-process / multi-GPU: torchrun --nproc-per-node N sst-merge fisher ... (examples and modules are "
+        "sharded, statistics all-reduced; NCCL on GPUs, gloo on CPU).",
     )
 
 

@@ -13,6 +13,9 @@ from ..data.chat import pad_id
 
 log = logging.getLogger(__name__)
 
+#: prompts longer than this many tokens keep their last MAX_PROMPT_TOKENS (HF and vLLM backends alike)
+MAX_PROMPT_TOKENS = 1024
+
 
 def render_prompt(tokenizer, prompt: str | list[dict[str, str]]) -> str:
     """A user prompt (or a chat list) rendered with the chat template and the assistant turn opened."""
@@ -35,24 +38,41 @@ def end_of_turn_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-@torch.no_grad()
-def generate(
+def _trim(tokens: list[int], eos_ids: set[int]) -> list[int]:
+    """Generated ids up to and including the first end-of-turn id; drops the padding ``generate`` appends
+    to rows that finished before the rest of their batch."""
+    for k, tok in enumerate(tokens):
+        if tok in eos_ids:
+            return tokens[: k + 1]
+    return tokens
+
+
+@torch.inference_mode()
+def generate_ids(
     model,
     tokenizer,
     prompts: Sequence[str | list[dict[str, str]]],
     *,
     max_new_tokens: int = 64,
     batch_size: int = 8,
-    max_prompt_tokens: int = 1024,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
     desc: str = "generate",
-) -> list[str]:
-    """Greedy completions, one per prompt (order kept). Prompts are sorted by length and left-padded per batch."""
+) -> list[list[int]]:
+    """Greedy generated token ids, one list per prompt (order kept), each ending at its first end-of-turn id
+    (kept) or after ``max_new_tokens`` ids; no padding. :func:`generate` decodes these.
+
+    Prompts are rendered with the chat template, sorted by token length (so a batch holds prompts of
+    similar length and little padding) and left-padded per batch; ``model.generate`` runs with the KV cache
+    and stops a batch as soon as every row has produced an end-of-turn id.
+    """
     texts = [render_prompt(tokenizer, p) for p in prompts]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for t in texts]
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     pad = pad_id(tokenizer)
     eos_ids = end_of_turn_ids(model, tokenizer)
-    outputs: list[str] = [""] * len(texts)
+    eos_set = set(eos_ids)
+    device = next(model.parameters()).device
+    outputs: list[list[int]] = [[] for _ in texts]
     model.eval()
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=quiet(), leave=False):
         idx = order[start : start + batch_size]
@@ -63,11 +83,30 @@ def generate(
             seq = encoded[i]
             ids[row, width - len(seq):] = torch.tensor(seq)
             mask[row, width - len(seq):] = 1
-        device = next(model.parameters()).device
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=pad, eos_token_id=eos_ids, temperature=None, top_p=None, top_k=None,
         )
+        new = out[:, width:].cpu().tolist()  # (rows, steps): rows that ended early are padded after their eos
         for row, i in enumerate(idx):
-            outputs[i] = tokenizer.decode(out[row, width:].cpu(), skip_special_tokens=True).strip()
+            outputs[i] = _trim(new[row], eos_set)
     return outputs
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str | list[dict[str, str]]],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+    desc: str = "generate",
+) -> list[str]:
+    """Greedy completions, one per prompt (order kept), decoded without special tokens and stripped.
+
+    Prompts are sorted by length and left-padded per batch (see :func:`generate_ids`).
+    """
+    ids = generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       max_prompt_tokens=max_prompt_tokens, desc=desc)
+    return [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]

@@ -1,8 +1,25 @@
-"""Per-sample gradients ``g_i = ∇_φ log p(y_i | x_i)`` (answer tokens only) of the safety LoRA factors."""
+"""Per-sample gradients ``g_i = ∇_φ log p(y_i | x_i)`` (answer tokens only) of the safety LoRA factors.
+
+Batched (the Fisher pass): one forward and one backward for a whole batch. A PEFT LoRA layer computes
+``y = W x + s · B (A x)`` (dropout is the identity in eval mode). With ``x_t`` the input of ``A`` (d_in),
+``h_t = A x_t`` the input of ``B`` (r) and ``o_t = B h_t`` its output (d_out) at token t, and
+``ḡ_t = ∂ℓ_i/∂o_t`` the gradient of example i's log-likelihood at its own tokens (examples do not interact
+in a causal LM, so one backward of ``Σ_i ℓ_i`` gives every ``ḡ`` at once)::
+
+    ∂ℓ_i/∂B = Σ_t ḡ_t h_tᵀ              (d_out × r)      einsum("bto,btr->bor")
+    ∂ℓ_i/∂A = Σ_t (Bᵀ ḡ_t) x_tᵀ         (r × d_in)       einsum("btr,bti->bri")
+
+Only ``∂ℓ/∂o`` is asked of autograd (``torch.autograd.grad`` w.r.t. the captured outputs), so no weight
+gradient is accumulated; padding positions get ``ḡ = 0`` (no answer token depends on them under
+right-padding), so they contribute nothing. The looped reference (one backward per example) is kept for
+tests and benchmarks.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -20,21 +37,98 @@ def answer_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     return (picked * mask).sum(dim=-1)
 
 
-def per_sample_gradients(
-    model, params: dict[str, tuple[torch.Tensor, torch.Tensor]], encoded: Sequence[dict], start: int = 0
+@dataclass
+class LoraLayer:
+    """The two ``nn.Linear`` factors of one PEFT LoRA layer: ``A`` (weight r × d_in), ``B`` (d_out × r)."""
+
+    A: torch.nn.Linear
+    B: torch.nn.Linear
+
+
+def pad_batch(encoded: Sequence[dict], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad ``[{"input_ids", "labels"}, ...]`` → input_ids, attention_mask, labels (B, T_max); labels -100
+    on padding. Right padding keeps every example's positions 0..T_i-1, as when it runs alone."""
+    T = max(len(e["input_ids"]) for e in encoded)
+    ids = torch.full((len(encoded), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(encoded), T), dtype=torch.long)
+    for b, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        ids[b, :n] = torch.tensor(e["input_ids"])
+        labels[b, :n] = torch.tensor(e["labels"])
+        mask[b, :n] = 1
+    return ids, mask, labels
+
+
+@contextmanager
+def _capture(layers: dict[str, LoraLayer]):
+    """Forward hooks that record, per module, the input x of A, the input h of B and the output o of B."""
+    seen: dict[str, dict[str, torch.Tensor]] = {m: {} for m in layers}
+    handles = []
+    for m, layer in layers.items():
+        def on_a(_mod, args, _out, m=m):
+            seen[m]["x"] = args[0]
+
+        def on_b(_mod, args, out, m=m):
+            seen[m]["h"] = args[0]
+            seen[m]["o"] = out
+
+        handles += [layer.A.register_forward_hook(on_a), layer.B.register_forward_hook(on_b)]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def batched_per_sample_gradients(
+    model, layers: dict[str, LoraLayer], encoded: Sequence[dict], pad_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """``{module: G_m}`` with ``G_m[b] = [vec(∂ℓ_b/∂A_m); vec(∂ℓ_b/∂B_m)]`` (B, D_m) float32, on the model's
+    device, for the examples of one batch, from one forward and one backward."""
+    device = next(model.parameters()).device
+    ids, mask, labels = (t.to(device) for t in pad_batch(encoded, pad_id))
+    with _capture(layers) as seen:
+        logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+    loglik = answer_log_likelihood(logits, labels)  # (B,)
+    modules = list(layers)
+    outputs = [seen[m]["o"] for m in modules]
+    grads_o = torch.autograd.grad(loglik.sum(), outputs)  # ∂(Σ_b ℓ_b)/∂o = per-example ∂ℓ_b/∂o_b
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for m, g_o in zip(modules, grads_o):
+            x = seen[m]["x"].float()  # (B, T, d_in)
+            h = seen[m]["h"].float()  # (B, T, r)
+            g_o = g_o.float()  # (B, T, d_out)
+            g_B = torch.einsum("bto,btr->bor", g_o, h)  # (B, d_out, r)
+            g_h = g_o @ layers[m].B.weight.float()  # (B, T, r) = Bᵀ ḡ_t per token
+            g_A = torch.einsum("btr,bti->bri", g_h, x)  # (B, r, d_in)
+            out[m] = torch.cat([g_A.reshape(len(encoded), -1), g_B.reshape(len(encoded), -1)], dim=1)
+    return out
+
+
+def iter_batched_gradients(
+    model, layers: dict[str, LoraLayer], encoded: Sequence[dict], indices: Sequence[int], batch_size: int,
+    pad_id: int = 0,
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Yield ``(rows, {module: G_m})`` for ``indices`` in batches of ``batch_size`` similar-length examples
+    (sorted by length, longest first, so padding is small and the first batch shows the peak memory)."""
+    order = sorted(indices, key=lambda i: (-len(encoded[i]["input_ids"]), i))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        yield rows, batched_per_sample_gradients(model, layers, [encoded[i] for i in rows], pad_id)
+
+
+def looped_per_sample_gradients(
+    model, layers: dict[str, LoraLayer], encoded: Sequence[dict]
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """Yield ``(i, {module: g_i,m})`` for i = start..N-1, ``g_i,m = [vec(∂/∂A_m); vec(∂/∂B_m)] log p(y_i|x_i)``
-    (float32, D_m,). One example per backward pass: the gradient of each example, not of a batch mean."""
-    flat = [p for pair in params.values() for p in pair]
-    for i in range(start, len(encoded)):
-        ids = torch.tensor([encoded[i]["input_ids"]])
-        labels = torch.tensor([encoded[i]["labels"]])
-        logits = model(input_ids=ids).logits  # (1, T, V)
-        loglik = answer_log_likelihood(logits, labels)[0]
+    """Reference: ``(i, {module: g_i,m})`` with one backward per example through the weights' gradients."""
+    device = next(model.parameters()).device
+    flat = [p for layer in layers.values() for p in (layer.A.weight, layer.B.weight)]
+    for i, e in enumerate(encoded):
+        ids = torch.tensor([e["input_ids"]], device=device)
+        labels = torch.tensor([e["labels"]], device=device)
+        loglik = answer_log_likelihood(model(input_ids=ids).logits, labels)[0]
         grads = torch.autograd.grad(loglik, flat)
-        out, j = {}, 0
-        for module in params:
-            gA, gB = grads[j], grads[j + 1]
-            j += 2
-            out[module] = torch.cat([gA.reshape(-1), gB.reshape(-1)]).float()
-        yield i, out
+        yield i, {m: torch.cat([grads[2 * j].reshape(-1), grads[2 * j + 1].reshape(-1)]).float()
+                  for j, m in enumerate(layers)}

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from ..errors import AdapterMismatchError
 from ..io.adapter import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, adapter_state_dict
 from ..io.models import BaseModelInfo, load_causal_lm
+from .gradients import LoraLayer
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,14 @@ def apply_utility(model, utility: Sequence[LoraAdapter], coefficients: Sequence[
 
 def load_fisher_point(
     base: BaseModelInfo, utility: Sequence[LoraAdapter], coefficients: Sequence[float], safety: LoraAdapter,
-    cache_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None, device: str = "cpu", dtype: str = "float32",
 ):
-    """Return ``(peft_model, tokenizer, params)`` where ``params[module] = (lora_A, lora_B)`` are the only
-    parameters with ``requires_grad`` (the safety adapter's factors, in φ's layout)."""
+    """Return ``(peft_model, tokenizer, layers)`` where ``layers[module]`` holds the safety adapter's PEFT
+    ``lora_A`` / ``lora_B`` linears (in φ's module order); their weights are the only parameters with
+    ``requires_grad``. ``dtype``: the model's weights (the LoRA factors are loaded in it too)."""
     from peft import PeftModel
 
-    model, tokenizer = load_causal_lm(base.spec, cache_dir)
+    model, tokenizer = load_causal_lm(base.spec, cache_dir, dtype=getattr(torch, dtype))
     apply_utility(model, utility, coefficients, base)
     with tempfile.TemporaryDirectory(prefix="sstmerge-safety-") as tmp:
         config = dict(safety.config)
@@ -59,18 +61,28 @@ def load_fisher_point(
         save_file(adapter_state_dict(safety), str(Path(tmp) / WEIGHTS_NAME))
         peft_model = PeftModel.from_pretrained(model, tmp, is_trainable=True)
     peft_model.eval()  # no dropout: the Fisher is taken at the deterministic model
-    params: dict[str, list] = {}
+    layers = lora_layers(peft_model)
+    if set(layers) != set(safety.modules):
+        raise AdapterMismatchError(
+            f"{safety.name}: PEFT created LoRA layers for {len(layers)} modules but the adapter has {len(safety.modules)}"
+        )
+    for m, layer in layers.items():
+        A, B = layer.A.weight.detach(), layer.B.weight.detach()
+        if not (torch.equal(A, safety.modules[m].A.to(A.dtype)) and torch.equal(B, safety.modules[m].B.to(B.dtype))):
+            raise AdapterMismatchError(f"{safety.name}: PEFT loaded different factors for {m} than the file holds")
+    peft_model.to(device)
+    return peft_model, tokenizer, layers
+
+
+def lora_layers(peft_model) -> dict[str, LoraLayer]:
+    """``{module: LoraLayer(lora_A, lora_B)}`` of a PEFT model (sorted by module name); the LoRA weights are
+    set to require gradients and every other parameter not."""
+    found: dict[str, list] = {}
     for name, p in peft_model.named_parameters():
         is_factor = ".lora_A." in name or ".lora_B." in name
         p.requires_grad_(is_factor)
         if is_factor:
             module = name.removeprefix("base_model.model.").split(".lora_")[0]
-            params.setdefault(module, [None, None])[0 if ".lora_A." in name else 1] = p
-    if set(params) != set(safety.modules):
-        raise AdapterMismatchError(
-            f"{safety.name}: PEFT created LoRA layers for {len(params)} modules but the adapter has {len(safety.modules)}"
-        )
-    for m, (A, B) in params.items():
-        if not (torch.equal(A.detach(), safety.modules[m].A.to(A.dtype)) and torch.equal(B.detach(), safety.modules[m].B.to(B.dtype))):
-            raise AdapterMismatchError(f"{safety.name}: PEFT loaded different factors for {m} than the file holds")
-    return peft_model, tokenizer, {m: (A, B) for m, (A, B) in sorted(params.items())}
+            found.setdefault(module, [None, None])[0 if ".lora_A." in name else 1] = peft_model.get_submodule(
+                name.removesuffix(".weight"))
+    return {m: LoraLayer(A=A, B=B) for m, (A, B) in sorted(found.items())}

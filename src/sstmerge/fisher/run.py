@@ -1,37 +1,44 @@
-"""Fisher pass orchestration: fingerprint → cache folder → per-sample gradients (resumable) → statistics.
+"""Fisher pass orchestration: fingerprint → cache folder → per-sample gradients (batched, resumable,
+sharded over ``torchrun`` processes) → statistics (sharded over modules) → summary.
 
 A sweep over k, residual_ratio, presets and weights reuses one pass: the key covers only what the
-gradients depend on (base, utility adapters and coefficients, safety adapter, data, sampling, max_length).
+gradients depend on (base, utility adapters and coefficients, safety adapter, data, sampling, max_length);
+batch size, device and process count change only floating-point rounding and are not part of it.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from .._logging import quiet
+from ..errors import ConfigError
 from ..data.chat import encode_example
 from ..data.jsonl import load_examples, resolve_data
 from ..io.adapter import LoraAdapter
 from ..io.atomic import atomic_write_text
 from ..io.hashing import model_files, sha256_file
 from ..io.models import BaseModelInfo, default_cache_dir
-from .gradients import per_sample_gradients
+from .distributed import Dist, init_from_env
+from .gradients import iter_batched_gradients
 from .point import flat_phi, load_fisher_point, module_layout
-from .stats import FisherStats, compute_stats
+from .stats import FisherStats, StatsWriter, compute_stats
 from .store import GradientStore
 
 log = logging.getLogger(__name__)
 
-FISHER_FORMAT = 1
+FISHER_FORMAT = 2  # 2: batched pass, done-bitmap store, statistics folder
 
 
 class FisherSettings(BaseModel):
@@ -44,7 +51,16 @@ class FisherSettings(BaseModel):
     max_samples: int | None = Field(64, ge=1, description="at most this many examples per data file (seeded sample)")
     seed: int = Field(0, description="sampling seed")
     max_length: int = Field(256, ge=2, description="max tokens per example (prompt cut from the left)")
-    checkpoint_every: int = Field(16, ge=1, description="flush the gradient store every N examples (resume point)")
+    checkpoint_every: int = Field(16, ge=1, description="sync the gradient store every N examples (resume point)")
+    batch_size: int = Field(8, ge=1, description="examples per forward/backward (per-sample gradients of a whole batch)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the model runs (auto: cuda:LOCAL_RANK when CUDA is available)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="model weights' dtype during the pass (bfloat16 halves GPU memory for 8B models; "
+        "gradients and statistics stay float32/float64)")
+
+
+NOT_IN_KEY = {"checkpoint_every", "batch_size", "device", "harmful_data", "benign_data"}
 
 
 @dataclass
@@ -80,7 +96,7 @@ def fisher_fingerprint(
         "safety": _adapter_digest(safety),
         "harmful": sha256_file(resolve_data(settings.harmful_data)),
         "benign": sha256_file(resolve_data(settings.benign_data)),
-        "settings": settings.model_dump(exclude={"checkpoint_every", "harmful_data", "benign_data"}),
+        "settings": settings.model_dump(exclude=NOT_IN_KEY),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -92,17 +108,30 @@ def compute_fisher(
     safety: LoraAdapter,
     settings: FisherSettings,
     cache_dir: str | Path | None = None,
+    dist: Dist | None = None,
 ) -> FisherRun:
-    """Return the Fisher statistics for this setting, from the cache when present, resuming a partial pass."""
+    """Return the Fisher statistics for this setting, from the cache when present, resuming a partial pass.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this with the same arguments and the ``dist``
+    of :func:`~sstmerge.fisher.distributed.init_from_env`; the work is sharded (examples for the gradients,
+    modules for the statistics) and every process returns the result.
+    """
     t0 = time.perf_counter()
+    if dist is None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(
+                "this command runs in one process; for the multi-process Fisher pass run "
+                "`torchrun --nproc-per-node N sst-merge fisher ...` first, then merge in one process (it reuses the cache)"
+            )
+        dist = init_from_env(settings.device)
     key = fisher_fingerprint(base, utility, coefficients, safety, settings)
     folder = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "fisher" / key[:24]
-    stats_path = folder / "stats.safetensors"
+    stats_dir = folder / "stats"
     layout = module_layout(safety)
-    if stats_path.is_file() and (folder / "fisher_meta.json").is_file():
+    if FisherStats.is_complete(stats_dir) and (folder / "fisher_meta.json").is_file():
         meta = json.loads((folder / "fisher_meta.json").read_text())
-        stats = FisherStats.load(stats_path)
-        store = GradientStore.open(folder, meta["n_harm"] + meta["n_benign"], meta["n_harm"], layout)
+        stats = FisherStats.load(stats_dir)
+        store = GradientStore.open(folder, meta["n_harm"] + meta["n_benign"], meta["n_harm"], layout, create=False)
         meta.update(cache_hit=True, load_seconds=time.perf_counter() - t0)
         log.info("Fisher statistics reused from cache %s", folder)
         return FisherRun(stats, store, folder, meta)
@@ -110,26 +139,45 @@ def compute_fisher(
     harmful = load_examples(resolve_data(settings.harmful_data), max_samples=settings.max_samples, seed=settings.seed)
     benign = load_examples(resolve_data(settings.benign_data), max_samples=settings.max_samples, seed=settings.seed)
     t_load = time.perf_counter()
-    model, tokenizer, params = load_fisher_point(base, utility, coefficients, safety)
+    model, tokenizer, layers = load_fisher_point(base, utility, coefficients, safety, device=dist.device,
+                                                 dtype=settings.dtype)
     encoded = [encode_example(tokenizer, e, settings.max_length) for e in harmful + benign]
-    store = GradientStore.open(folder, len(encoded), len(harmful), layout)
-    start = store.done
-    if start:
-        log.info("resuming the Fisher pass at example %d of %d (%s)", start, len(encoded), folder)
+    n = len(encoded)
+    if dist.is_main:
+        store = GradientStore.open(folder, n, len(harmful), layout, create=True)
+    dist.barrier()
+    if not dist.is_main:
+        store = GradientStore.open(folder, n, len(harmful), layout, create=False)
+    done = store.done_mask()
+    resumed_from = int(done.sum())
+    mine = [i for i in range(n) if i % dist.world_size == dist.rank and not done[i]]
+    if resumed_from:
+        log.info("resuming the Fisher pass: %d of %d examples already done (%s)", resumed_from, n, folder)
     t_grad = time.perf_counter()
-    bar = tqdm(total=len(encoded), initial=start, desc="per-sample gradients", unit="ex", disable=quiet())
-    for i, grads in per_sample_gradients(model, params, encoded, start=start):
-        store.write_row(i, grads)
-        bar.update(1)
-        if (i + 1) % settings.checkpoint_every == 0:
-            store.checkpoint(i + 1)
+    n_tokens = sum(len(encoded[i]["input_ids"]) for i in mine)
+    bar = tqdm(total=len(mine), desc="per-sample gradients" + (f" [rank {dist.rank}]" if dist.active else ""),
+               unit="ex", disable=quiet() or not dist.is_main)
+    pending: list[int] = []
+    for rows, grads in iter_batched_gradients(model, layers, encoded, mine, settings.batch_size):
+        store.write_rows(rows, grads)
+        pending += rows
+        bar.update(len(rows))
+        if len(pending) >= settings.checkpoint_every:
+            store.mark_done(pending)
+            pending = []
+    store.mark_done(pending)
     bar.close()
-    store.checkpoint(len(encoded))
+    del model, layers
+    gc.collect()
+    dist.barrier()
     t_stats = time.perf_counter()
-    stats = compute_stats(store, flat_phi(safety))
-    tmp = stats_path.with_name(".tmp-stats.safetensors")
-    stats.save(tmp)
-    tmp.replace(stats_path)
+    if dist.is_main:
+        StatsWriter(stats_dir, n, layout, create=True)
+    dist.barrier()
+    my_modules = [m for j, (m, _, _) in enumerate(layout) if j % dist.world_size == dist.rank]
+    gram_total, G_phi, _ = compute_stats(store, flat_phi(safety), stats_dir, modules=my_modules, create=False)
+    gram_total, G_phi = dist.all_reduce_sum(gram_total), dist.all_reduce_sum(G_phi)
+    t_end = time.perf_counter()
     meta = {
         "fingerprint": key,
         "folder": str(folder),
@@ -141,13 +189,19 @@ def compute_fisher(
         "benign_data": str(resolve_data(settings.benign_data)),
         "settings": settings.model_dump(),
         "dim": store.dim,
-        "resumed_from": start,
+        "resumed_from": resumed_from,
+        "world_size": dist.world_size,
+        "device": dist.device,
         "timings": {
             "load_model": t_grad - t_load,
             "gradients": t_stats - t_grad,
-            "statistics": time.perf_counter() - t_stats,
+            "statistics": t_end - t_stats,
         },
+        "gradient_tokens_rank0": n_tokens,
     }
-    atomic_write_text(folder / "fisher_meta.json", json.dumps(meta, indent=2))
+    if dist.is_main:
+        StatsWriter(stats_dir, n, layout, create=False).finish(len(harmful), gram_total, G_phi)
+        atomic_write_text(folder / "fisher_meta.json", json.dumps(meta, indent=2))
+    dist.barrier()
     meta.update(cache_hit=False)
-    return FisherRun(stats, store, folder, meta)
+    return FisherRun(FisherStats.load(stats_dir), store, folder, meta)

@@ -9,6 +9,14 @@ Reading validates everything that can be checked without the base model: config 
 variant (plain LoRA only: DoRA, LoRA biases, Conv1D fan-in/fan-out, embedding LoRA and other PEFT types are
 refused), matching A/B pairs, ranks vs ``rank_pattern``, and NaN/Inf. Checks against the base model live in
 :mod:`sstmerge.io.validate`.
+
+``read_adapter(path, lazy=True)`` reads only the safetensors header: ``adapter.modules`` is then a
+:class:`LazyModules` mapping that reads one module's ``A`` and ``B`` from the file on each ``modules[m]``
+(the file is opened and closed per access, so no page of it stays resident), and the per-module facts
+(rank, shapes, scale) are in ``adapter.specs`` without touching tensor data. Everything checkable from the
+header (config, keys, A/B pairing, ranks, dtypes) is checked at once; values (NaN/Inf) when a module is read.
+:class:`AdapterStreamWriter` writes a merged adapter module by module with the header declared up front
+(:mod:`sstmerge.io.safetensors_stream`). Together they merge adapters in memory bounded by a few modules.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +39,7 @@ from ..errors import (
     PickleRefusedError,
     UnsupportedAdapterError,
 )
+from .safetensors_stream import DTYPE_NAMES, SafetensorsStreamWriter
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +50,26 @@ PEFT_PREFIX = "base_model.model."
 
 # ``<module>.lora_A.weight`` or, in raw (unsaved) PEFT state dicts, ``<module>.lora_A.<adapter_name>.weight``.
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """A LoRA module's facts without its tensors (what a safetensors header gives): the rank ``r``, the shape
+    ``(d_out, d_in)`` of the weight it updates, the scale ``s`` and the factors' dtype.
+    ``A``: (r, d_in), ``B``: (d_out, r)."""
+
+    rank: int
+    shape: tuple[int, int]  # (d_out, d_in)
+    scale: float
+    dtype: torch.dtype | None = None
+
+    @property
+    def a_shape(self) -> tuple[int, int]:
+        return self.rank, self.shape[1]
+
+    @property
+    def b_shape(self) -> tuple[int, int]:
+        return self.shape[0], self.rank
 
 
 @dataclass
@@ -59,6 +89,10 @@ class LoraModule:
         """Shape of the weight this module updates: (d_out, d_in)."""
         return int(self.B.shape[0]), int(self.A.shape[1])
 
+    @property
+    def spec(self) -> ModuleSpec:
+        return ModuleSpec(rank=self.rank, shape=self.shape, scale=self.scale, dtype=self.A.dtype)
+
     def delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Dense weight update ``ΔW = scale · B @ A`` (d_out, d_in)."""
         return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
@@ -66,10 +100,15 @@ class LoraModule:
 
 @dataclass
 class LoraAdapter:
-    """A LoRA adapter: per-module factors + full-tensor entries + the raw PEFT config."""
+    """A LoRA adapter: per-module factors + full-tensor entries + the raw PEFT config.
 
-    modules: dict[str, LoraModule]
-    full_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    ``modules`` and ``full_tensors`` are dicts, or (``read_adapter(..., lazy=True)``) :class:`LazyModules` /
+    :class:`LazyTensors` mappings that read from the file on access; code that only needs ranks and shapes
+    uses :attr:`specs` and :attr:`full_shapes`, which never read tensor data.
+    """
+
+    modules: Mapping[str, LoraModule]
+    full_tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     path: Path | None = None
     files: list[Path] = field(default_factory=list)
@@ -82,9 +121,36 @@ class LoraAdapter:
     def base_model_name_or_path(self) -> str | None:
         return self.config.get("base_model_name_or_path")
 
+    @property
+    def lazy(self) -> bool:
+        """True when modules / full tensors are read from the file on access."""
+        return isinstance(self.modules, LazyModules) or isinstance(self.full_tensors, LazyTensors)
+
+    @property
+    def specs(self) -> dict[str, ModuleSpec]:
+        """Rank, shape, scale and dtype of every module (from the header for lazy adapters)."""
+        if isinstance(self.modules, LazyModules):
+            return dict(self.modules.specs)
+        return {m: lm.spec for m, lm in self.modules.items()}
+
+    @property
+    def full_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every full-tensor entry (from the header for lazy adapters)."""
+        if isinstance(self.full_tensors, LazyTensors):
+            return dict(self.full_tensors.shapes)
+        return {k: tuple(t.shape) for k, t in self.full_tensors.items()}
+
+    def materialize(self) -> LoraAdapter:
+        """This adapter with every tensor in memory (itself if it is not lazy)."""
+        if not self.lazy:
+            return self
+        return LoraAdapter(modules=dict(self.modules.items()), full_tensors=dict(self.full_tensors.items()),
+                           config=self.config, path=self.path, files=list(self.files))
+
     def __repr__(self) -> str:  # short: tensors are big
-        ranks = sorted({m.rank for m in self.modules.values()})
-        return f"LoraAdapter({self.name!r}, modules={len(self.modules)}, ranks={ranks}, full={list(self.full_tensors)})"
+        ranks = sorted({s.rank for s in self.specs.values()})
+        lazy = ", lazy" if self.lazy else ""
+        return f"LoraAdapter({self.name!r}, modules={len(self.modules)}, ranks={ranks}, full={list(self.full_tensors)}{lazy})"
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -161,6 +227,24 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
 
 
+def _read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{key: (shape, safetensors dtype name)}`` from the header only (no tensor data is read).
+
+    ``safe_open`` also checks that the data offsets tile the rest of the file, so a truncated file fails here.
+    """
+    try:
+        entries: dict[str, tuple[tuple[int, ...], str]] = {}
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                sl = fh.get_slice(key)
+                entries[key] = (tuple(int(d) for d in sl.get_shape()), str(sl.get_dtype()))
+        return entries
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise AdapterFormatError(
+            f"{path} is truncated or not a valid safetensors file ({exc}); re-export the adapter"
+        ) from exc
+
+
 def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if not allow_pickle:
         raise PickleRefusedError(
@@ -186,29 +270,50 @@ def _strip(key: str) -> str:
     return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
 
 
-def adapter_from_state_dict(
-    state: dict[str, torch.Tensor], config: dict, source: Path | None = None, files: list[Path] | None = None
-) -> LoraAdapter:
-    """Build a :class:`LoraAdapter` from a PEFT state dict and its config (validated as in :func:`read_adapter`)."""
-    src = source or Path("<state dict>")
-    config = parse_adapter_config(dict(config), src)
+_TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+def _check_float(raw_key: str, is_float: bool, dtype, src: Path) -> None:
+    if not is_float:
+        raise AdapterFormatError(f"{src}: tensor {raw_key!r} has non-float dtype {dtype}")
+
+
+def _check_finite(raw_key: str, tensor: torch.Tensor, src: Path) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteError(
+            f"{src}: tensor {raw_key!r} (shape {tuple(tensor.shape)}) has {bad} NaN/Inf values; the adapter "
+            "diverged in training or the file is damaged: use an earlier checkpoint"
+        )
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """Where a module's factors live in the state dict / file, and its spec."""
+
+    a_key: str
+    b_key: str
+    spec: ModuleSpec
+
+
+def _layout(
+    entries: Mapping[str, tuple[tuple[int, ...], torch.dtype | None]], config: dict, src: Path
+) -> tuple[dict[str, _Pair], dict[str, str]]:
+    """Interpret raw state-dict keys ``{raw_key: (shape, dtype)}`` of a parsed config, from names and shapes only.
+
+    Returns ``({module: _Pair}, {full-tensor key: raw_key})``, modules sorted. Raises for DoRA / embedding
+    LoRA keys, keys that are neither LoRA factors nor ``modules_to_save`` entries, unpaired or mis-shaped
+    factors (A: (r, d_in), B: (d_out, r)) and ranks that disagree with ``r`` / ``rank_pattern``.
+    """
     use_rslora = bool(config.get("use_rslora", False))
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     modules_to_save = list(config.get("modules_to_save") or [])
 
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    full: dict[str, torch.Tensor] = {}
-    for raw_key, tensor in state.items():
+    factors: dict[str, dict[str, str]] = {}
+    full: dict[str, str] = {}
+    for raw_key in entries:
         key = _strip(raw_key)
-        if not torch.is_floating_point(tensor):
-            raise AdapterFormatError(f"{src}: tensor {raw_key!r} has non-float dtype {tensor.dtype}")
-        if not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise NonFiniteError(
-                f"{src}: tensor {raw_key!r} (shape {tuple(tensor.shape)}) has {bad} NaN/Inf values; the adapter "
-                "diverged in training or the file is damaged: use an earlier checkpoint"
-            )
         if "lora_magnitude_vector" in key:
             raise UnsupportedAdapterError(f"{src}: key {raw_key!r} is a DoRA magnitude vector; {_REFUSED_FLAGS['use_dora']}")
         if "lora_embedding_" in key:
@@ -218,52 +323,172 @@ def adapter_from_state_dict(
             )
         match = _LORA_KEY.match(key)
         if match:
-            factors.setdefault(match["module"], {})[match["factor"]] = tensor
+            factors.setdefault(match["module"], {})[match["factor"]] = raw_key
             continue
         if key.endswith(".base_layer.weight") or key.endswith(".base_layer.bias"):
             log.debug("%s: ignoring %s (a copy of the base weight that PEFT saves for tied layers)", src, raw_key)
             continue
         owner = key.rsplit(".", 1)[0]
         if any(owner == m or owner.endswith("." + m) for m in modules_to_save):
-            full[key] = tensor
+            full[key] = raw_key
             continue
         raise AdapterFormatError(
             f"{src}: unexpected tensor key {raw_key!r}: neither a LoRA factor (<module>.lora_A/lora_B.weight) nor "
             f"an entry of modules_to_save={modules_to_save}"
         )
 
-    modules: dict[str, LoraModule] = {}
-    for module, pair in sorted(factors.items()):
-        if set(pair) != {"A", "B"}:
-            missing = ({"A", "B"} - set(pair)).pop()
+    pairs: dict[str, _Pair] = {}
+    for module, keys in sorted(factors.items()):
+        if set(keys) != {"A", "B"}:
+            missing = ({"A", "B"} - set(keys)).pop()
             raise AdapterFormatError(f"{src}: module {module!r} has no lora_{missing} tensor (file truncated or edited?)")
-        A, B = pair["A"], pair["B"]
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+        (a_shape, a_dtype), (b_shape, _) = entries[keys["A"]], entries[keys["B"]]
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
             raise AdapterFormatError(
-                f"{src}: module {module!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not a LoRA pair "
+                f"{src}: module {module!r}: lora_A {tuple(a_shape)} and lora_B {tuple(b_shape)} are not a LoRA pair "
                 "(need A: (r, d_in), B: (d_out, r)); conv LoRA is not supported"
             )
         r_cfg = _pattern_value(rank_pattern, module, config["r"])
-        if int(r_cfg) != A.shape[0]:
+        if int(r_cfg) != a_shape[0]:
             raise AdapterFormatError(
                 f"{src}: module {module!r}: config gives rank {r_cfg} (r/rank_pattern) but lora_A has shape "
-                f"{tuple(A.shape)}; the config does not belong to these weights"
+                f"{tuple(a_shape)}; the config does not belong to these weights"
             )
         alpha = float(_pattern_value(alpha_pattern, module, config["lora_alpha"]))
-        r = A.shape[0]
+        r = a_shape[0]
         scale = alpha / math.sqrt(r) if use_rslora else alpha / r
-        modules[module] = LoraModule(A=A, B=B, scale=scale)
-    if not modules and not full:
+        spec = ModuleSpec(rank=r, shape=(b_shape[0], a_shape[1]), scale=scale, dtype=a_dtype)
+        pairs[module] = _Pair(keys["A"], keys["B"], spec)
+    if not pairs and not full:
         raise AdapterFormatError(f"{src}: the adapter holds no LoRA tensors")
+    return pairs, full
+
+
+def adapter_from_state_dict(
+    state: dict[str, torch.Tensor], config: dict, source: Path | None = None, files: list[Path] | None = None
+) -> LoraAdapter:
+    """Build a :class:`LoraAdapter` from a PEFT state dict and its config (validated as in :func:`read_adapter`)."""
+    src = source or Path("<state dict>")
+    config = parse_adapter_config(dict(config), src)
+    for raw_key, tensor in state.items():
+        _check_float(raw_key, torch.is_floating_point(tensor), tensor.dtype, src)
+        _check_finite(raw_key, tensor, src)
+    pairs, full_keys = _layout({k: (tuple(t.shape), t.dtype) for k, t in state.items()}, config, src)
+    modules = {m: LoraModule(A=state[p.a_key], B=state[p.b_key], scale=p.spec.scale) for m, p in pairs.items()}
+    full = {key: state[raw] for key, raw in full_keys.items()}
     return LoraAdapter(modules=modules, full_tensors=full, config=config, path=source, files=list(files or []))
 
 
-def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter:
+def _read_tensors(path: Path, keys: list[str], shapes: list[tuple[int, ...]], src: Path) -> list[torch.Tensor]:
+    """Read ``keys`` from a safetensors file, copied out of the file mapping (which is released on close),
+    and check each has the shape the header declared when the adapter was opened and finite values."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            tensors = [fh.get_tensor(k).clone() for k in keys]
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise AdapterFormatError(
+            f"{path}: cannot read tensor(s) {keys} ({exc}); the file was truncated or replaced after the adapter "
+            "was opened: re-export the adapter and merge again"
+        ) from exc
+    for key, tensor, shape in zip(keys, tensors, shapes):
+        if tuple(tensor.shape) != tuple(shape):
+            raise AdapterFormatError(
+                f"{path}: tensor {key!r} has shape {tuple(tensor.shape)} but had {tuple(shape)} when the adapter "
+                "was opened; the file changed while merging"
+            )
+        _check_finite(key, tensor, src)
+    return tensors
+
+
+class LazyModules(Mapping[str, LoraModule]):
+    """The LoRA modules of a safetensors adapter file, read on access.
+
+    ``modules[m]`` opens the file, reads ``lora_A``/``lora_B`` of ``m`` (copies), closes it, checks the shapes
+    against the header and the values for NaN/Inf, and returns a :class:`LoraModule`; nothing is cached, so
+    only the modules a caller holds are in memory. ``in``, ``len``, iteration and :attr:`specs` use the header.
+    """
+
+    def __init__(self, path: Path, pairs: dict[str, _Pair], source: Path) -> None:
+        self.path = path
+        self.source = source
+        self._pairs = pairs
+        self.specs: dict[str, ModuleSpec] = {m: p.spec for m, p in pairs.items()}
+
+    def __getitem__(self, module: str) -> LoraModule:
+        pair = self._pairs[module]  # KeyError for an unknown module, as for a dict
+        A, B = _read_tensors(self.path, [pair.a_key, pair.b_key], [pair.spec.a_shape, pair.spec.b_shape], self.source)
+        return LoraModule(A=A, B=B, scale=pair.spec.scale)
+
+    def __contains__(self, module: object) -> bool:
+        return module in self._pairs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._pairs)
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __repr__(self) -> str:
+        return f"LazyModules({str(self.path)!r}, {len(self)} modules)"
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """Full-tensor entries (``modules_to_save``) of a safetensors adapter file, read on access (like
+    :class:`LazyModules`); :attr:`shapes` comes from the header."""
+
+    def __init__(self, path: Path, keys: dict[str, str], shapes: dict[str, tuple[int, ...]], source: Path) -> None:
+        self.path = path
+        self.source = source
+        self._keys = keys  # key -> raw key in the file
+        self.shapes = shapes
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return _read_tensors(self.path, [self._keys[key]], [self.shapes[key]], self.source)[0]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        return f"LazyTensors({str(self.path)!r}, {len(self)} tensors)"
+
+
+def lazy_adapter_from_file(
+    weights: Path, config: dict, source: Path | None = None, files: list[Path] | None = None
+) -> LoraAdapter:
+    """A :class:`LoraAdapter` over a safetensors file that reads tensors on access (see :class:`LazyModules`).
+
+    Validated like :func:`adapter_from_state_dict` from the header (dtypes, keys, pairs, ranks); values are
+    checked for NaN/Inf when each module is read.
+    """
+    src = source or weights
+    config = parse_adapter_config(dict(config), src)
+    header = _read_safetensors_header(weights)
+    entries: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
+    for raw_key, (shape, dname) in header.items():
+        dtype = _TORCH_DTYPES.get(dname)
+        _check_float(raw_key, dname.startswith(("F", "BF")), dtype or dname, src)
+        entries[raw_key] = (shape, dtype)
+    pairs, full_keys = _layout(entries, config, src)
+    modules = LazyModules(weights, pairs, src)
+    full = LazyTensors(weights, full_keys, {k: entries[raw][0] for k, raw in full_keys.items()}, src)
+    return LoraAdapter(modules=modules, full_tensors=full, config=config, path=source, files=list(files or []))
+
+
+def read_adapter(path: str | Path, *, allow_pickle: bool = False, lazy: bool = False) -> LoraAdapter:
     """Read a PEFT adapter folder, or a legacy ``.pt``/``.bin`` state dict (needs ``allow_pickle=True``).
 
     A folder must hold ``adapter_config.json`` and ``adapter_model.safetensors`` (or, with
     ``allow_pickle``, ``adapter_model.bin``). A single legacy file needs an ``adapter_config.json`` beside it,
     because rank and alpha (hence the scale) cannot be recovered from the tensors.
+
+    ``lazy=True`` reads only the safetensors header now and each module when it is accessed (see
+    :class:`LazyModules`); a legacy pickle cannot be read in parts and is loaded whole.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -278,6 +503,8 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
         config = _read_config(config_path)
         weights = path / WEIGHTS_NAME
         if weights.is_file():
+            if lazy:
+                return lazy_adapter_from_file(weights, config, source=path, files=[config_path, weights])
             state = _read_safetensors(weights)
         else:
             legacy = next((path / n for n in LEGACY_WEIGHTS_NAMES if (path / n).is_file()), None)
@@ -285,12 +512,20 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
                 raise AdapterFormatError(f"{path} has {CONFIG_NAME} but no {WEIGHTS_NAME}; the adapter is incomplete")
             weights = legacy
             state = _read_pickle(legacy, allow_pickle)
+            if lazy:
+                log.info("%s: a pickled state dict cannot be read module by module; loaded whole", legacy)
         return adapter_from_state_dict(state, config, source=path, files=[config_path, weights])
     # a single file
+    header: dict | None = None
     if path.suffix == ".safetensors":
-        state = _read_safetensors(path)
+        if lazy:
+            header = _read_safetensors_header(path)  # fails early on a truncated file, as the eager read does
+        else:
+            state = _read_safetensors(path)
     elif path.suffix in (".pt", ".pth", ".bin"):
         state = _read_pickle(path, allow_pickle)
+        if lazy:
+            log.info("%s: a pickled state dict cannot be read module by module; loaded whole", path)
     else:
         raise AdapterFormatError(f"{path}: expected a PEFT adapter folder, a .safetensors or a legacy .pt file")
     config_path = path.parent / CONFIG_NAME
@@ -300,6 +535,8 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
             "tensors. Put the training run's adapter_config.json in the same folder."
         )
     config = _read_config(config_path)
+    if header is not None:
+        return lazy_adapter_from_file(path, config, source=path, files=[config_path, path])
     return adapter_from_state_dict(state, config, source=path, files=[config_path, path])
 
 
@@ -332,6 +569,39 @@ def target_modules_for(module_names: list[str], all_linear_names: list[str] | No
     return leaves
 
 
+def _merged_config(
+    module_names: list[str],
+    full_keys: list[str],
+    rank: int,
+    base_model_name_or_path: str | None,
+    all_linear_names: list[str] | None,
+    task_type: str | None,
+):
+    """The PEFT ``LoraConfig`` of a merged adapter: ``r = lora_alpha = rank`` (scale 1), no rank/alpha patterns.
+
+    PEFT keeps ``target_modules`` as a set, which ``save_pretrained`` writes in the process's string-hash order;
+    set-valued fields are replaced by sorted lists so the written adapter_config.json is reproducible.
+    """
+    from peft import LoraConfig
+
+    modules_to_save = sorted({k.rsplit(".", 1)[0].rsplit(".", 1)[-1] for k in full_keys}) or None
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=target_modules_for(module_names, all_linear_names) if module_names else [],
+        modules_to_save=modules_to_save,
+        bias="none",
+        lora_dropout=0.0,
+        task_type=task_type,
+        base_model_name_or_path=base_model_name_or_path,
+        inference_mode=True,
+    )
+    for name, value in vars(config).items():
+        if isinstance(value, (set, frozenset)):
+            setattr(config, name, sorted(value))
+    return config
+
+
 def write_adapter(
     adapter: LoraAdapter,
     folder: str | Path,
@@ -345,27 +615,80 @@ def write_adapter(
 
     All modules must share one rank and scale 1 (what :func:`sstmerge.merge.compose.compose_adapters`
     produces): the config is then ``r = lora_alpha = rank``, no rank/alpha patterns, which PEFT and vLLM
-    load unchanged. Use :func:`sstmerge.io.atomic.atomic_output_dir` around this call.
+    load unchanged. Use :func:`sstmerge.io.atomic.atomic_output_dir` around this call. The whole state dict
+    is built in memory; :class:`AdapterStreamWriter` writes the same bytes module by module.
     """
-    from peft import LoraConfig
-
     folder = Path(folder)
     ranks = {m.rank for m in adapter.modules.values()}
     scales = {round(m.scale, 12) for m in adapter.modules.values()}
     if len(ranks) > 1 or scales - {1.0}:
         raise ValueError(f"write_adapter needs one rank and scale 1.0 for all modules, got ranks={ranks} scales={scales}")
     rank = ranks.pop() if ranks else 1
-    modules_to_save = sorted({k.rsplit(".", 1)[0].rsplit(".", 1)[-1] for k in adapter.full_tensors}) or None
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        target_modules=target_modules_for(list(adapter.modules), all_linear_names) if adapter.modules else [],
-        modules_to_save=modules_to_save,
-        bias="none",
-        lora_dropout=0.0,
-        task_type=task_type,
-        base_model_name_or_path=base_model_name_or_path,
-        inference_mode=True,
-    )
+    config = _merged_config(list(adapter.modules), list(adapter.full_tensors), rank, base_model_name_or_path,
+                            all_linear_names, task_type)
     config.save_pretrained(str(folder))
     save_file(adapter_state_dict(adapter, dtype), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+class AdapterStreamWriter:
+    """Write a merged adapter (one rank ``R``, scale 1) into an existing (temporary) folder, module by module.
+
+    ``adapter_config.json`` is written at once (as :func:`write_adapter` writes it), then
+    ``adapter_model.safetensors`` by :class:`~sstmerge.io.safetensors_stream.SafetensorsStreamWriter` with
+    every key declared up front: per module ``m`` of shape (d_out, d_in),
+    ``base_model.model.<m>.lora_A.weight`` (R, d_in) and ``base_model.model.<m>.lora_B.weight`` (d_out, R);
+    per full tensor ``base_model.model.<key>``; all in ``dtype``. Given the same tensors the files are
+    byte-identical to :func:`write_adapter`'s, but only the tensors passed to one call are in memory.
+
+    >>> with AdapterStreamWriter(tmp, {"model.layers.0.self_attn.q_proj": (64, 64)}, rank=8) as w:  # doctest: +SKIP
+    ...     w.write_module("model.layers.0.self_attn.q_proj", A, B)  # A (8, 64), B (64, 8)
+
+    Every declared module and full tensor must be written exactly once before the block ends.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        module_shapes: Mapping[str, tuple[int, int]],
+        rank: int,
+        full_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        base_model_name_or_path: str | None = None,
+        all_linear_names: list[str] | None = None,
+        task_type: str | None = "CAUSAL_LM",
+    ) -> None:
+        folder = Path(folder)
+        full_shapes = dict(full_shapes or {})
+        if module_shapes and rank < 1:
+            raise ValueError(f"merged rank must be positive, got {rank}")
+        self.rank, self.dtype = rank, dtype
+        config = _merged_config(list(module_shapes), list(full_shapes), rank if module_shapes else 1,
+                                base_model_name_or_path, all_linear_names, task_type)
+        config.save_pretrained(str(folder))
+        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        for module, (d_out, d_in) in module_shapes.items():
+            specs[f"{PEFT_PREFIX}{module}.lora_A.weight"] = (dtype, (rank, d_in))
+            specs[f"{PEFT_PREFIX}{module}.lora_B.weight"] = (dtype, (d_out, rank))
+        for key, shape in full_shapes.items():
+            specs[f"{PEFT_PREFIX}{key}"] = (dtype, tuple(shape))
+        self.path = folder / WEIGHTS_NAME
+        self._file = SafetensorsStreamWriter(self.path, specs, metadata={"format": "pt"})
+
+    def write_module(self, module: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Write one module's factors, A (R, d_in) and B (d_out, R), cast to the output dtype."""
+        self._file.write(f"{PEFT_PREFIX}{module}.lora_A.weight", A.to(self.dtype).contiguous())
+        self._file.write(f"{PEFT_PREFIX}{module}.lora_B.weight", B.to(self.dtype).contiguous())
+
+    def write_full(self, key: str, tensor: torch.Tensor) -> None:
+        """Write one full-tensor entry (``modules_to_save``), cast to the output dtype."""
+        self._file.write(f"{PEFT_PREFIX}{key}", tensor.to(self.dtype).contiguous())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> AdapterStreamWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._file.__exit__(exc_type, exc, tb)

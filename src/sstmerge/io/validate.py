@@ -30,7 +30,7 @@ def validate_against_base(adapter: LoraAdapter, base: BaseModelInfo) -> list[str
     adapter records a different ``base_model_name_or_path``), which are also logged.
     """
     warnings: list[str] = []
-    for module, lm in adapter.modules.items():
+    for module, spec in adapter.specs.items():  # header facts only: a lazy adapter is not read here
         if module not in base.linear_shapes:
             close = difflib.get_close_matches(module, list(base.linear_shapes), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -39,18 +39,18 @@ def validate_against_base(adapter: LoraAdapter, base: BaseModelInfo) -> list[str
                 "Was the adapter trained on another model?"
             )
         expected = base.linear_shapes[module]
-        if lm.shape != expected:
+        if spec.shape != expected:
             raise AdapterMismatchError(
-                f"{adapter.name}: module {module!r} updates a {lm.shape[0]}x{lm.shape[1]} weight "
-                f"(lora_B {tuple(lm.B.shape)}, lora_A {tuple(lm.A.shape)}) but base {base.spec!r} has "
+                f"{adapter.name}: module {module!r} updates a {spec.shape[0]}x{spec.shape[1]} weight "
+                f"(lora_B {spec.b_shape}, lora_A {spec.a_shape}) but base {base.spec!r} has "
                 f"{expected[0]}x{expected[1]}; the adapter belongs to another model size"
             )
-    for key, tensor in adapter.full_tensors.items():
+    for key, shape in adapter.full_shapes.items():
         if key not in base.param_shapes:
             raise AdapterMismatchError(f"{adapter.name}: full tensor {key!r} (modules_to_save) is not a parameter of base {base.spec!r}")
-        if tuple(tensor.shape) != base.param_shapes[key]:
+        if shape != base.param_shapes[key]:
             raise AdapterMismatchError(
-                f"{adapter.name}: full tensor {key!r} has shape {tuple(tensor.shape)}, base has {base.param_shapes[key]}"
+                f"{adapter.name}: full tensor {key!r} has shape {shape}, base has {base.param_shapes[key]}"
             )
     recorded = adapter.base_model_name_or_path
     if recorded and not _same_base(recorded, base):
@@ -67,10 +67,10 @@ def validate_consistent(adapters: list[LoraAdapter]) -> None:
     """Without a base: a module present in several adapters must update the same weight shape in all of them."""
     seen: dict[str, tuple[tuple[int, int], str]] = {}
     for adapter in adapters:
-        for module, lm in adapter.modules.items():
-            if module in seen and seen[module][0] != lm.shape:
+        for module, spec in adapter.specs.items():
+            if module in seen and seen[module][0] != spec.shape:
                 raise AdapterMismatchError(
-                    f"module {module!r} is {seen[module][0]} in {seen[module][1]} but {lm.shape} in {adapter.name}; "
+                    f"module {module!r} is {seen[module][0]} in {seen[module][1]} but {spec.shape} in {adapter.name}; "
                     "the adapters were trained on different models"
                 )
-            seen.setdefault(module, (lm.shape, adapter.name))
+            seen.setdefault(module, (spec.shape, adapter.name))

@@ -1,9 +1,16 @@
-"""Compose utility adapters and the (projected) safety adapter into one exact LoRA adapter."""
+"""Compose utility adapters and the (projected) safety adapter into one exact LoRA adapter.
+
+The work is per module: :func:`iter_compose` / :func:`iter_dense` produce one merged module at a time and
+:func:`plan_compose` / :func:`plan_dense` give the output layout (shapes, ranks, the common rank) from the
+inputs' headers before anything is read. :func:`compose_adapters` / :func:`compose_dense` collect the modules
+in memory; the streaming merge (``SSTMerger.merge_to``) writes each one to disk as it comes.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,6 +38,173 @@ def utility_coefficients(n: int, scheme: str, weights: Sequence[float] | None) -
     return [base * (weights[i] if weights is not None else 1.0) for i in range(n)]
 
 
+Source = tuple[str, LoraAdapter, "float | None"]  # (label, adapter, c_i; None for the safety adapter)
+
+
+def _sources(utility: Sequence[LoraAdapter], coefficients: Sequence[float], safety: LoraAdapter | None) -> list[Source]:
+    sources: list[Source] = [(f"utility[{i}]", a, c) for i, (a, c) in enumerate(zip(utility, coefficients))]
+    if safety is not None:
+        sources.append(("safety", safety, None))
+    return sources
+
+
+@dataclass
+class ComposePlan:
+    """The merged adapter's layout, known from the inputs' headers before any tensor is read.
+
+    ``shapes``: module -> (d_out, d_in), sorted by name (the order modules are produced in); ``ranks``: each
+    module's rank before padding (Σ of the ranks of the terms with non-zero weight, or the recompression
+    rank); ``rank``: the common output rank R = max of ``ranks`` (0 without modules); ``full_shapes``: the
+    full-tensor (``modules_to_save``) keys and shapes. A streaming writer declares its header from this.
+    """
+
+    shapes: dict[str, tuple[int, int]]
+    ranks: dict[str, int]
+    rank: int
+    full_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+@dataclass
+class ComposedModule:
+    """One module of the merged adapter as it is produced: ``ΔW^m = B @ A`` (scale 1), not yet padded to the
+    common rank; ``entry`` is its report entry."""
+
+    name: str
+    A: torch.Tensor  # (r_m, d_in)
+    B: torch.Tensor  # (d_out, r_m)
+    entry: dict
+
+
+def _weight(label: str, coef: float | None, module: str, safety_weights: dict[str, float]) -> float:
+    return safety_weights.get(module, 0.0) if coef is None else coef
+
+
+def _module_names(sources) -> list[str]:
+    return sorted({m for _, a, *_ in sources for m in a.modules})
+
+
+def _first_shapes(sources, names: list[str]) -> dict[str, tuple[int, int]]:
+    shapes: dict[str, tuple[int, int]] = {}
+    for _, adapter, *_ in sources:
+        for m, spec in adapter.specs.items():
+            shapes.setdefault(m, spec.shape)
+    return {m: shapes[m] for m in names}
+
+
+def _full_shapes(sources, base: BaseModelInfo | None) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for _, adapter, *_ in sources:
+        for key, shape in adapter.full_shapes.items():
+            shapes.setdefault(key, shape)
+    if shapes and base is None:
+        raise AdapterMismatchError(
+            f"full-tensor entries {sorted(shapes)} (modules_to_save) are merged as differences from the base weight; pass the base model"
+        )
+    return {k: shapes[k] for k in sorted(shapes)}
+
+
+def _log_partial(report: dict[str, dict], n_modules: int) -> None:
+    partial = [m for m, e in report.items() if e.get("absent_in") and not e.get("full_tensor")]
+    if partial:
+        log.info("%d of %d modules are missing from some adapters (they contribute zero there; see report)",
+                 len(partial), n_modules)
+
+
+def plan_compose(
+    utility: Sequence[LoraAdapter],
+    coefficients: Sequence[float],
+    safety: LoraAdapter | None,
+    safety_weights: dict[str, float],
+    *,
+    base: BaseModelInfo | None = None,
+    recompress_rank: int | None = None,
+) -> ComposePlan:
+    """The layout :func:`iter_compose` will produce, from the adapters' specs (no tensor is read).
+
+    Module m gets rank ``Σ_{i: w_i ≠ 0, m ∈ i} r_i`` (1 when every weight is 0: one zero term keeps the pair
+    well-formed), or ``recompress_rank``. Raises if full tensors need a base that was not given.
+    """
+    sources = _sources(utility, coefficients, safety)
+    names = _module_names(sources)
+    specs = [(label, a.specs, coef) for label, a, coef in sources]  # header facts, once per adapter
+    ranks: dict[str, int] = {}
+    for module in names:
+        if recompress_rank is not None:
+            ranks[module] = recompress_rank
+            continue
+        r = sum(sp[module].rank for label, sp, coef in specs
+                if module in sp and _weight(label, coef, module, safety_weights) != 0.0)
+        ranks[module] = r or 1
+    return ComposePlan(shapes=_first_shapes(sources, names), ranks=ranks, rank=max(ranks.values(), default=0),
+                       full_shapes=_full_shapes(sources, base))
+
+
+def iter_compose(
+    utility: Sequence[LoraAdapter],
+    coefficients: Sequence[float],
+    safety: LoraAdapter | None,
+    safety_weights: dict[str, float],
+    *,
+    recompress_rank: int | None = None,
+) -> Iterator[ComposedModule]:
+    """``ΔW^m = Σ_i c_i ΔW_Ui^m + w^m ΔW_S^m`` one module at a time, in sorted module order.
+
+    Module m becomes ``A = [c_1 s_1 A_1; …; w s_S A_S]`` (Σr, d_in), ``B = [B_1 … B_S]`` (d_out, Σr), scale 1
+    (terms with weight 0 are left out; an adapter missing m contributes zero and is listed under
+    ``absent_in``), or its rank-``recompress_rank`` truncated SVD with ``recompression_rel_error``. Each input
+    module is read once (from the file, for lazy adapters) and only this module's tensors are held.
+    """
+    sources = _sources(utility, coefficients, safety)
+    for module in _module_names(sources):
+        terms, present, absent = [], [], []
+        first: LoraModule | None = None
+        for label, adapter, coef in sources:
+            if module not in adapter.modules:
+                absent.append(label)
+                continue
+            lm = adapter.modules[module]  # read (and NaN/Inf-checked) now for a lazy adapter
+            if first is None:
+                first = lm
+            weight = _weight(label, coef, module, safety_weights)
+            present.append(label)
+            if weight != 0.0:
+                terms.append((weight * lm.scale, lm.A, lm.B))
+        entry: dict = {"present_in": present, "absent_in": absent}
+        if "safety" in present:
+            entry["safety_weight"] = safety_weights.get(module, 0.0)
+        if not terms:  # every contribution has weight 0: the module's update is exactly zero
+            terms = [(0.0, first.A[:1], first.B[:, :1])]
+        A, B = concat_lora(terms)  # (Σr, d_in), (d_out, Σr)
+        entry["rank_concat"] = int(A.shape[0])
+        if recompress_rank is not None:
+            A, B, err = truncate_lora(A, B, recompress_rank)
+            entry["recompression_rel_error"] = err
+        yield ComposedModule(module, A, B, entry)
+
+
+def iter_full_tensors(
+    utility: Sequence[LoraAdapter],
+    coefficients: Sequence[float],
+    safety: LoraAdapter | None,
+    safety_weights: dict[str, float],
+    base: BaseModelInfo | None,
+) -> Iterator[tuple[str, torch.Tensor, dict]]:
+    """Full-tensor entries (``modules_to_save``) one key at a time, in sorted order, as differences from the
+    base weight: ``W = W_base + Σ_i c_i (W_i − W_base) + w (W_S − W_base)`` (float64, returned as float32),
+    with their report entries."""
+    sources = _sources(utility, coefficients, safety)
+    _full_shapes(sources, base)  # raises without a base
+    keys = sorted({k for _, a, _ in sources for k in a.full_tensors})
+    for key in keys:
+        w_base = base.load_parameter(key).to(torch.float64)
+        total = w_base.clone()
+        for label, adapter, coef in sources:
+            if key in adapter.full_tensors:
+                weight = _weight(label, coef, key, safety_weights)
+                total += weight * (adapter.full_tensors[key].to(torch.float64) - w_base)
+        yield key, total.to(torch.float32), {"full_tensor": True, "present_in": [lbl for lbl, a, _ in sources if key in a.full_tensors]}
+
+
 def compose_adapters(
     utility: Sequence[LoraAdapter],
     coefficients: Sequence[float],
@@ -40,52 +214,31 @@ def compose_adapters(
     base: BaseModelInfo | None = None,
     recompress_rank: int | None = None,
 ) -> tuple[LoraAdapter, dict]:
-    """``ΔW^m = Σ_i c_i ΔW_Ui^m + w^m ΔW_S^m`` for the union of modules, as one LoRA adapter.
+    """``ΔW^m = Σ_i c_i ΔW_Ui^m + w^m ΔW_S^m`` for the union of modules, as one LoRA adapter in memory.
 
-    Each module becomes ``A = [c_1 s_1 A_1; …; w s_S A_S]``, ``B = [B_1 … B_S]`` (scale 1), an adapter
-    missing the module contributes zero (listed in the report). All modules are then zero-padded to one
-    common rank (or recompressed to ``recompress_rank`` by truncated SVD, with the relative Frobenius error
-    per module) so the output is a plain PEFT config without rank patterns.
+    Each module as in :func:`iter_compose`: ``A = [c_1 s_1 A_1; …; w s_S A_S]``, ``B = [B_1 … B_S]`` (scale 1),
+    an adapter missing the module contributes zero (listed in the report). All modules are then zero-padded
+    to one common rank (or recompressed to ``recompress_rank`` by truncated SVD, with the relative Frobenius
+    error per module) so the output is a plain PEFT config without rank patterns.
 
     Full-tensor entries (``modules_to_save``) are merged as differences from the base weight:
     ``W = W_base + Σ_i c_i (W_i − W_base) + w (W_S − W_base)``; this needs ``base``.
 
-    Returns the merged adapter and a per-module report.
+    Returns the merged adapter and a per-module report. ``merge.merger.SSTMerger.merge_to`` writes the same
+    modules to disk as they come instead of collecting them.
     """
-    sources: list[tuple[str, LoraAdapter, float | None]] = [(f"utility[{i}]", a, c) for i, (a, c) in enumerate(zip(utility, coefficients))]
-    if safety is not None:
-        sources.append(("safety", safety, None))
-    names = sorted({m for _, a, _ in sources for m in a.modules})
     merged_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     report: dict[str, dict] = {}
-    for module in tqdm(names, desc="compose", unit="module", disable=quiet(), leave=False):
-        terms, present, absent = [], [], []
-        for label, adapter, coef in sources:
-            lm: LoraModule | None = adapter.modules.get(module)
-            if lm is None:
-                absent.append(label)
-                continue
-            weight = safety_weights.get(module, 0.0) if coef is None else coef
-            present.append(label)
-            if weight != 0.0:
-                terms.append((weight * lm.scale, lm.A, lm.B))
-        entry: dict = {"present_in": present, "absent_in": absent}
-        if "safety" in present:
-            entry["safety_weight"] = safety_weights.get(module, 0.0)
-        if not terms:  # every contribution has weight 0: the module's update is exactly zero
-            lm0 = next(a.modules[module] for _, a, _ in sources if module in a.modules)
-            terms = [(0.0, lm0.A[:1], lm0.B[:, :1])]
-        A, B = concat_lora(terms)
-        entry["rank_concat"] = int(A.shape[0])
-        if recompress_rank is not None:
-            A, B, err = truncate_lora(A, B, recompress_rank)
-            entry["recompression_rel_error"] = err
-        merged_pairs[module] = (A, B)
-        report[module] = entry
+    items = iter_compose(utility, coefficients, safety, safety_weights, recompress_rank=recompress_rank)
+    for item in tqdm(items, desc="compose", unit="module", disable=quiet(), leave=False,
+                     total=len(_module_names(_sources(utility, coefficients, safety)))):
+        merged_pairs[item.name] = (item.A, item.B)
+        report[item.name] = item.entry
     modules, rank = _common_rank_modules(merged_pairs, report)
-    full = _merge_full_tensors(sources, safety_weights, base)
-    for key in full:
-        report[key] = {"full_tensor": True, "present_in": [lbl for lbl, a, _ in sources if key in a.full_tensors]}
+    full = {}
+    for key, tensor, entry in iter_full_tensors(utility, coefficients, safety, safety_weights, base):
+        full[key] = tensor
+        report[key] = entry
     merged = LoraAdapter(modules=modules, full_tensors=full, config={"r": rank, "lora_alpha": rank})
     return merged, report
 
@@ -95,32 +248,60 @@ def _common_rank_modules(
 ) -> tuple[dict[str, LoraModule], int]:
     """Zero-pad every merged ``(A, B)`` to one common rank (scale 1), so the output needs no rank pattern;
     log how many modules were missing from some adapter. Returns the modules and the rank."""
-    partial = [m for m, e in report.items() if e["absent_in"]]
-    if partial:
-        log.info("%d of %d modules are missing from some adapters (they contribute zero there; see report)",
-                 len(partial), len(merged_pairs))
+    _log_partial(report, len(merged_pairs))
     rank = max((a.shape[0] for a, _ in merged_pairs.values()), default=0)
     return {m: LoraModule(*pad_rank(A, B, rank), scale=1.0) for m, (A, B) in merged_pairs.items()}, rank
 
 
-def _merge_full_tensors(sources, safety_weights: dict[str, float], base: BaseModelInfo | None) -> dict[str, torch.Tensor]:
-    keys = sorted({k for _, a, _ in sources for k in a.full_tensors})
-    if not keys:
-        return {}
-    if base is None:
-        raise AdapterMismatchError(
-            f"full-tensor entries {keys} (modules_to_save) are merged as differences from the base weight; pass the base model"
-        )
-    out = {}
-    for key in keys:
-        w_base = base.load_parameter(key).to(torch.float64)
-        total = w_base.clone()
-        for _, adapter, coef in sources:
-            if key in adapter.full_tensors:
-                weight = safety_weights.get(key, 0.0) if coef is None else coef
-                total += weight * (adapter.full_tensors[key].to(torch.float64) - w_base)
-        out[key] = total.to(torch.float32)
-    return out
+def plan_dense(
+    utility: Sequence[LoraAdapter],
+    safety: LoraAdapter | None,
+    *,
+    recompress_rank: int | None = None,
+) -> ComposePlan:
+    """The layout :func:`iter_dense` will produce, from the adapters' specs: module m gets rank
+    ``recompress_rank`` or ``min(Σ ranks of the inputs present, d_out, d_in)``."""
+    sources = _sources(utility, [0.0] * len(utility), safety)
+    names = _module_names(sources)
+    shapes = _first_shapes(sources, names)
+    specs = [a.specs for _, a, _ in sources]  # header facts, once per adapter
+    ranks: dict[str, int] = {}
+    for module in names:
+        rank_in = sum(sp[module].rank for sp in specs if module in sp)
+        ranks[module] = recompress_rank if recompress_rank is not None else min(rank_in, *shapes[module])
+    return ComposePlan(shapes=shapes, ranks=ranks, rank=max(ranks.values(), default=0))
+
+
+def iter_dense(
+    method: DeltaMergeMethod,
+    utility: Sequence[LoraAdapter],
+    coefficients: Sequence[float],
+    safety: LoraAdapter | None,
+    safety_weights: dict[str, float],
+    options: Any,
+    *,
+    recompress_rank: int | None = None,
+) -> Iterator[ComposedModule]:
+    """One module at a time (sorted), as described in :func:`compose_dense`; each input module is read once."""
+    sources = [(label, a) for label, a, _ in _sources(utility, coefficients, safety)]
+    for module in _module_names(_sources(utility, coefficients, safety)):
+        read = {label: a.modules[module] for label, a in sources if module in a.modules}  # (lazy: read now)
+        entry: dict = {"present_in": list(read), "absent_in": [label for label, a in sources if module not in a.modules]}
+        u_deltas, u_coefs = [], []
+        for i, c in enumerate(coefficients):
+            if f"utility[{i}]" in read:
+                u_deltas.append(read[f"utility[{i}]"].delta(torch.float64))  # (d_out, d_in)
+                u_coefs.append(c)
+        s_delta = read["safety"].delta(torch.float64) if "safety" in read else None
+        if s_delta is not None:
+            entry["safety_weight"] = safety_weights.get(module, 0.0)
+        dW, facts = method.merge_module(module, u_deltas, u_coefs, s_delta, safety_weights.get(module, 0.0), options)
+        rank_in = sum(lm.rank for lm in read.values())
+        rank = recompress_rank if recompress_rank is not None else min(rank_in, *dW.shape)
+        A, B, err = dense_to_lora(dW, rank)
+        entry.update(facts)
+        entry.update({"rank_inputs": rank_in, "rank": rank, "recompression_rel_error": err})
+        yield ComposedModule(module, A, B, entry)
 
 
 def compose_dense(
@@ -141,32 +322,15 @@ def compose_dense(
     d_in)`` (the rank the exact task-arithmetic sum would have). The relative Frobenius error of that
     truncation is ``recompression_rel_error`` (≈ 0 when ΔW^m has rank ≤ R, e.g. safe_lora and safemerge;
     real for TIES/DARE/magnitude, whose pruned sums are full rank). Only one module's dense matrices are held
-    at a time. Full-tensor entries (modules_to_save) are refused by the caller.
+    at a time (:func:`iter_dense`); the factored results are collected here. Full-tensor entries
+    (modules_to_save) are refused by the caller.
     """
-    sources: list[tuple[str, LoraAdapter]] = [(f"utility[{i}]", a) for i, a in enumerate(utility)]
-    if safety is not None:
-        sources.append(("safety", safety))
-    names = sorted({m for _, a in sources for m in a.modules})
     merged_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     report: dict[str, dict] = {}
-    for module in tqdm(names, desc=method.name, unit="module", disable=quiet(), leave=False):
-        present = [label for label, a in sources if module in a.modules]
-        entry: dict = {"present_in": present, "absent_in": [label for label, a in sources if module not in a.modules]}
-        u_deltas, u_coefs = [], []
-        for a, c in zip(utility, coefficients):
-            if module in a.modules:
-                u_deltas.append(a.modules[module].delta(torch.float64))  # (d_out, d_in)
-                u_coefs.append(c)
-        s_delta = safety.modules[module].delta(torch.float64) if safety is not None and module in safety.modules else None
-        if s_delta is not None:
-            entry["safety_weight"] = safety_weights.get(module, 0.0)
-        dW, facts = method.merge_module(module, u_deltas, u_coefs, s_delta, safety_weights.get(module, 0.0), options)
-        rank_in = sum(a.modules[module].rank for _, a in sources if module in a.modules)
-        rank = recompress_rank if recompress_rank is not None else min(rank_in, *dW.shape)
-        A, B, err = dense_to_lora(dW, rank)
-        entry.update(facts)
-        entry.update({"rank_inputs": rank_in, "rank": rank, "recompression_rel_error": err})
-        merged_pairs[module] = (A, B)
-        report[module] = entry
+    items = iter_dense(method, utility, coefficients, safety, safety_weights, options, recompress_rank=recompress_rank)
+    for item in tqdm(items, desc=method.name, unit="module", disable=quiet(), leave=False,
+                     total=len(_module_names(_sources(utility, coefficients, safety)))):
+        merged_pairs[item.name] = (item.A, item.B)
+        report[item.name] = item.entry
     modules, rank = _common_rank_modules(merged_pairs, report)
     return LoraAdapter(modules=modules, config={"r": rank, "lora_alpha": rank}), report

@@ -1,20 +1,27 @@
-"""Orchestration: load + validate inputs, let the method plan S', compose, write with provenance."""
+"""Orchestration: load + validate inputs, let the method plan S', compose, write with provenance.
+
+Two paths with the same result: :meth:`SSTMerger.merge` composes in memory (then :func:`save_merged_adapter`);
+:meth:`SSTMerger.merge_to` reads the inputs lazily and writes each merged module as it is composed (memory
+bounded by a few modules; the default of ``sst-merge merge``, and :func:`merge_utility_safety` with ``stream=True``).
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from ..errors import AdapterMismatchError, ConfigError, UnsupportedAdapterError
-from ..io.adapter import LoraAdapter, read_adapter, write_adapter
+from .._logging import quiet
+from ..errors import AdapterMismatchError, ConfigError, OutputExistsError, UnsupportedAdapterError
+from ..io.adapter import AdapterStreamWriter, LoraAdapter, read_adapter, write_adapter
 from ..io.atomic import atomic_output_dir
 from ..io.hashing import model_files, sha256_file, sha256_files
 from ..io.models import BaseModelInfo, load_base_info
@@ -22,7 +29,18 @@ from ..io.validate import validate_against_base, validate_consistent
 from ..data.jsonl import load_examples, resolve_data
 from ..fisher.run import compute_fisher
 from .baselines import DeltaMergeMethod
-from .compose import compose_adapters, compose_dense, utility_coefficients
+from ..linalg.lowrank import pad_rank
+from .compose import (
+    _log_partial,
+    compose_adapters,
+    compose_dense,
+    iter_compose,
+    iter_dense,
+    iter_full_tensors,
+    plan_compose,
+    plan_dense,
+    utility_coefficients,
+)
 from .tables import PRESETS, WEIGHT_TABLES, load_table
 from .methods import METHODS, safety_weights
 from .options import MergeConfig, MergeOptions, build_config
@@ -37,13 +55,30 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class MergeResult:
-    """A merged adapter in memory plus its report; write it with :func:`save_merged_adapter`."""
+    """A merged adapter plus its report. From :meth:`SSTMerger.merge` the adapter is in memory (write it with
+    :func:`save_merged_adapter`); from :meth:`SSTMerger.merge_to` it is the written folder, opened lazily.
+    ``path`` is the written folder (None until written)."""
 
     adapter: LoraAdapter
     report: dict[str, Any]
     base: BaseModelInfo | None = None
     config: MergeConfig | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    path: Path | None = None
+
+
+@dataclass
+class _Inputs:
+    """Validated inputs of one merge (see :meth:`SSTMerger._prepare`)."""
+
+    opts: MergeOptions
+    method: Any
+    dense: bool
+    base: BaseModelInfo | None
+    utility: list[LoraAdapter]
+    safety: LoraAdapter | None
+    coefficients: list[float]
+    warnings: list[str]
 
 
 class _Timer:
@@ -59,8 +94,8 @@ class _Timer:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
 
-def _as_adapter(item: LoraAdapter | str | Path, allow_pickle: bool) -> LoraAdapter:
-    return item if isinstance(item, LoraAdapter) else read_adapter(item, allow_pickle=allow_pickle)
+def _as_adapter(item: LoraAdapter | str | Path, allow_pickle: bool, lazy: bool = False) -> LoraAdapter:
+    return item if isinstance(item, LoraAdapter) else read_adapter(item, allow_pickle=allow_pickle, lazy=lazy)
 
 
 def _describe(adapter: LoraAdapter) -> dict[str, Any]:
@@ -68,7 +103,7 @@ def _describe(adapter: LoraAdapter) -> dict[str, Any]:
         "path": str(adapter.path) if adapter.path else None,
         "sha256": sha256_files(adapter.files) if adapter.files else None,
         "n_modules": len(adapter.modules),
-        "ranks": sorted({m.rank for m in adapter.modules.values()}),
+        "ranks": sorted({s.rank for s in adapter.specs.values()}),
         "lora_alpha": adapter.config.get("lora_alpha"),
         "use_rslora": bool(adapter.config.get("use_rslora", False)),
         "modules_to_save": sorted(adapter.full_tensors),
@@ -149,15 +184,8 @@ class SSTMerger:
                     "differences from the base weight) or an adapter trained without modules_to_save"
                 )
 
-    def merge(
-        self,
-        utility: Sequence[LoraAdapter | str | Path],
-        safety: LoraAdapter | str | Path | None,
-        *,
-        config: MergeConfig | None = None,
-    ) -> MergeResult:
-        """Validate everything, then compute the merged adapter (nothing is written here)."""
-        timer = _Timer()
+    def _prepare(self, utility, safety, timer: _Timer, *, lazy: bool) -> _Inputs:
+        """Check the options, read the adapters (headers only with ``lazy``) and validate them; nothing heavy."""
         opts: MergeOptions = self.options
         if isinstance(utility, (str, Path, LoraAdapter)):
             utility = [utility]
@@ -174,8 +202,8 @@ class SSTMerger:
         warnings: list[str] = []
         with timer.stage("load_inputs"):
             base = self.base_info()
-            utility_adapters = [_as_adapter(u, self.allow_pickle) for u in utility]
-            safety_adapter = _as_adapter(safety, self.allow_pickle) if safety is not None else None
+            utility_adapters = [_as_adapter(u, self.allow_pickle, lazy) for u in utility]
+            safety_adapter = _as_adapter(safety, self.allow_pickle, lazy) if safety is not None else None
         with timer.stage("validate"):
             everything = utility_adapters + ([safety_adapter] if safety_adapter is not None else [])
             if base is not None:
@@ -190,38 +218,50 @@ class SSTMerger:
                 load_table(opts.layer_weights, WEIGHT_TABLES)
             if dense:
                 self._refuse_full_tensors(opts, everything)
+        if method.needs_fisher and safety_adapter is not None:
+            # the Fisher pass and the projection read the safety adapter many times: one adapter, held in memory
+            with timer.stage("load_inputs"):
+                safety_adapter = safety_adapter.materialize()
         coefficients = utility_coefficients(len(utility_adapters), opts.utility_coefficients, opts.utility_weights)
-        method_report: dict[str, Any] = {}
+        return _Inputs(opts, method, dense, base, utility_adapters, safety_adapter, coefficients, warnings)
+
+    def _plan_safety(self, inp: _Inputs, timer: _Timer) -> tuple[LoraAdapter | None, dict[str, float], dict[str, Any]]:
+        """S', w^m and the method's report (task-arithmetic modes; may run the Fisher pass)."""
 
         def fisher_provider():
             with timer.stage("fisher"):
-                return compute_fisher(base, utility_adapters, coefficients, safety_adapter, opts.fisher_settings(),
+                return compute_fisher(inp.base, inp.utility, inp.coefficients, inp.safety, inp.opts.fisher_settings(),
                                       self.cache_dir)
 
-        if dense:
-            with timer.stage("compose"):
-                weights, table = safety_weights(safety_adapter, opts) if safety_adapter is not None else ({}, None)
-                merged, module_report = compose_dense(method, utility_adapters, coefficients, safety_adapter, weights,
-                                                      opts, recompress_rank=opts.recompress_rank)
-            method_report = {**method.describe(opts), **method.summarize(module_report),
-                             **({"layer_weights": table} if table else {})}
-        else:
-            with timer.stage("plan_safety"):
-                if safety_adapter is not None:
-                    context = {"base": base, "utility": utility_adapters, "fisher": fisher_provider}
-                    plan = method.plan_safety(safety_adapter, opts, context)
-                    safety_used, weights, method_report = plan.safety, plan.weights, plan.report
-                else:
-                    safety_used, weights = None, {}
-            with timer.stage("compose"):
-                merged, module_report = compose_adapters(
-                    utility_adapters, coefficients, safety_used, weights, base=base, recompress_rank=opts.recompress_rank
-                )
-        merged.config["base_model_name_or_path"] = str(base.spec) if base is not None else None
-        rank_out = max((m.rank for m in merged.modules.values()), default=0)
-        if merged.full_tensors:
+        with timer.stage("plan_safety"):
+            if inp.safety is None:
+                return None, {}, {}
+            context = {"base": inp.base, "utility": inp.utility, "fisher": fisher_provider}
+            plan = inp.method.plan_safety(inp.safety, inp.opts, context)
+            return plan.safety, plan.weights, plan.report
+
+    def _dense_weights(self, inp: _Inputs) -> tuple[dict[str, float], dict | None]:
+        return safety_weights(inp.safety, inp.opts) if inp.safety is not None else ({}, None)
+
+    def _report(
+        self,
+        inp: _Inputs,
+        config: MergeConfig | None,
+        timer: _Timer,
+        *,
+        module_report: dict[str, dict],
+        method_report: dict[str, Any],
+        rank_out: int,
+        n_modules: int,
+        full_keys: list[str],
+        stream: bool,
+    ) -> dict[str, Any]:
+        """The merge report (merge_report.json), identical for the in-memory and the streaming path except
+        ``config.stream``, ``created`` and ``timings``."""
+        opts, base, warnings = inp.opts, inp.base, list(inp.warnings)
+        if full_keys:
             warnings.append("the merged adapter carries modules_to_save tensors "
-                            f"({sorted(merged.full_tensors)}): PEFT loads it, vLLM refuses adapters with modules_to_save")
+                            f"({sorted(full_keys)}): PEFT loads it, vLLM refuses adapters with modules_to_save")
         if rank_out > VLLM_DEFAULT_MAX_LORA_RANK:
             warnings.append(f"merged rank {rank_out} (rank concatenation adds ranks) exceeds vLLM's default "
                             f"max_lora_rank={VLLM_DEFAULT_MAX_LORA_RANK}: serve with --max-lora-rank >= {rank_out} "
@@ -232,9 +272,10 @@ class SSTMerger:
         errors = [e["recompression_rel_error"] for e in module_report.values() if "recompression_rel_error" in e]
         resolved = (config or MergeConfig(**opts.model_dump())).model_dump()
         resolved.update({"base": str(base.spec) if base is not None else None,
-                         "utility": [str(a.path) for a in utility_adapters],
-                         "safety": str(safety_adapter.path) if safety_adapter is not None else None})
-        report = {
+                         "utility": [str(a.path) for a in inp.utility],
+                         "safety": str(inp.safety.path) if inp.safety is not None else None,
+                         "stream": stream})
+        return {
             "sstmerge_report_version": 1,
             "created": now_iso(),
             "command": sys.argv if Path(sys.argv[0]).name == "sst-merge" else None,
@@ -245,13 +286,13 @@ class SSTMerger:
                     "path": str(base.path) if base else None,
                     "sha256": sha256_files(model_files(base.path)) if base else None,
                 },
-                "utility": [dict(_describe(a), coefficient=c) for a, c in zip(utility_adapters, coefficients)],
-                "safety": _describe(safety_adapter) if safety_adapter is not None else None,
+                "utility": [dict(_describe(a), coefficient=c) for a, c in zip(inp.utility, inp.coefficients)],
+                "safety": _describe(inp.safety) if inp.safety is not None else None,
             },
             "method": {"name": opts.mode, **method_report},
             "output": {
-                "rank": max((m.rank for m in merged.modules.values()), default=0),
-                "n_modules": len(merged.modules),
+                "rank": rank_out,
+                "n_modules": n_modules,
                 "n_partial_modules": sum(1 for e in module_report.values() if e.get("absent_in")),
                 "max_recompression_rel_error": max(errors) if errors else None,
                 "dtype": opts.dtype,
@@ -261,7 +302,130 @@ class SSTMerger:
             "warnings": warnings,
             "timings": timer.timings,
         }
-        return MergeResult(adapter=merged, report=report, base=base, config=config, timings=timer.timings)
+
+    def merge(
+        self,
+        utility: Sequence[LoraAdapter | str | Path],
+        safety: LoraAdapter | str | Path | None,
+        *,
+        config: MergeConfig | None = None,
+    ) -> MergeResult:
+        """Validate everything, then compute the merged adapter in memory (nothing is written here; see
+        :func:`save_merged_adapter`, or :meth:`merge_to` to merge straight to disk in bounded memory)."""
+        timer = _Timer()
+        inp = self._prepare(utility, safety, timer, lazy=False)
+        if inp.dense:
+            with timer.stage("compose"):
+                weights, table = self._dense_weights(inp)
+                merged, module_report = compose_dense(inp.method, inp.utility, inp.coefficients, inp.safety, weights,
+                                                      inp.opts, recompress_rank=inp.opts.recompress_rank)
+            method_report = {**inp.method.describe(inp.opts), **inp.method.summarize(module_report),
+                             **({"layer_weights": table} if table else {})}
+        else:
+            safety_used, weights, method_report = self._plan_safety(inp, timer)
+            with timer.stage("compose"):
+                merged, module_report = compose_adapters(
+                    inp.utility, inp.coefficients, safety_used, weights, base=inp.base,
+                    recompress_rank=inp.opts.recompress_rank,
+                )
+        merged.config["base_model_name_or_path"] = str(inp.base.spec) if inp.base is not None else None
+        report = self._report(inp, config, timer, module_report=module_report, method_report=method_report,
+                              rank_out=max((m.rank for m in merged.modules.values()), default=0),
+                              n_modules=len(merged.modules), full_keys=list(merged.full_tensors), stream=False)
+        return MergeResult(adapter=merged, report=report, base=inp.base, config=config, timings=timer.timings)
+
+    def merge_to(
+        self,
+        utility: Sequence[LoraAdapter | str | Path],
+        safety: LoraAdapter | str | Path | None,
+        out: str | Path,
+        *,
+        overwrite: bool = False,
+        config: MergeConfig | None = None,
+    ) -> MergeResult:
+        """Merge straight into the PEFT folder ``out`` (atomically), one module at a time.
+
+        The inputs are read lazily (headers now, each module when it is composed), the output layout (the
+        common rank R, every key's shape) comes from :func:`~sstmerge.merge.compose.plan_compose` /
+        :func:`~sstmerge.merge.compose.plan_dense`, so the safetensors header is written first and each merged
+        module (zero-padded to R, cast to the output dtype) is appended as it is produced. Memory: a few
+        modules' tensors, independent of the adapters' size, plus what the method itself needs (the Fisher
+        modes hold the safety adapter and the base model). The adapter files are byte-identical to what
+        :meth:`merge` followed by :func:`save_merged_adapter` writes, and the report files (merge_report.json/.txt,
+        merge_config.yaml) have the same content except ``config.stream``, ``created`` and ``timings``.
+
+        Returns the report and, as ``adapter``, the written adapter opened lazily (tensors in the output dtype).
+        """
+        dest = Path(out).expanduser().resolve()
+        if dest.exists() and not overwrite:  # fail before any work (atomic_output_dir checks again)
+            raise OutputExistsError(f"output folder {dest} already exists; choose another --out or pass --overwrite")
+        timer = _Timer()
+        inp = self._prepare(utility, safety, timer, lazy=True)
+        opts = inp.opts
+        if inp.dense:
+            weights, table = self._dense_weights(inp)
+            plan = plan_dense(inp.utility, inp.safety, recompress_rank=opts.recompress_rank)
+            modules = iter_dense(inp.method, inp.utility, inp.coefficients, inp.safety, weights, opts,
+                                 recompress_rank=opts.recompress_rank)
+            fulls: Iterator = iter(())
+        else:
+            safety_used, weights, method_report = self._plan_safety(inp, timer)
+            plan = plan_compose(inp.utility, inp.coefficients, safety_used, weights, base=inp.base,
+                                recompress_rank=opts.recompress_rank)
+            modules = iter_compose(inp.utility, inp.coefficients, safety_used, weights,
+                                   recompress_rank=opts.recompress_rank)
+            fulls = iter_full_tensors(inp.utility, inp.coefficients, safety_used, weights, inp.base)
+        base, dtype = inp.base, _DTYPES[opts.dtype]
+        module_report: dict[str, dict] = {}
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            with timer.stage("write"):
+                writer = AdapterStreamWriter(
+                    tmp, plan.shapes, plan.rank, plan.full_shapes, dtype=dtype,
+                    base_model_name_or_path=str(base.spec) if base is not None else None,
+                    all_linear_names=list(base.linear_shapes) if base is not None else None,
+                )
+            bar = tqdm(total=len(plan.shapes), desc=f"{opts.mode} (streaming)", unit="module", disable=quiet(),
+                       leave=False)
+            with writer, bar:
+                while True:
+                    with timer.stage("compose"):
+                        item = next(modules, None)
+                    if item is None:
+                        break
+                    if item.A.shape[0] != plan.ranks[item.name]:  # the plan and the composition disagree: a bug
+                        raise RuntimeError(f"{item.name}: composed rank {item.A.shape[0]}, planned {plan.ranks[item.name]}")
+                    with timer.stage("write"):
+                        writer.write_module(item.name, *pad_rank(item.A, item.B, plan.rank))
+                    module_report[item.name] = item.entry
+                    bar.update(1)
+                _log_partial(module_report, len(plan.shapes))
+                for key, tensor, entry in fulls:
+                    with timer.stage("write"):
+                        writer.write_full(key, tensor)
+                    module_report[key] = entry
+            if inp.dense:
+                method_report = {**inp.method.describe(opts), **inp.method.summarize(module_report),
+                                 **({"layer_weights": table} if table else {})}
+            report = self._report(inp, config, timer, module_report=module_report, method_report=method_report,
+                                  rank_out=plan.rank, n_modules=len(plan.shapes), full_keys=list(plan.full_shapes),
+                                  stream=True)
+            _finish_folder(tmp, report, out)
+        final = Path(out).expanduser().resolve()
+        log.info("wrote merged adapter to %s (rank %s)", final, report["output"]["rank"])
+        return MergeResult(adapter=read_adapter(final, lazy=True), report=report, base=base, config=config,
+                           timings=timer.timings, path=final)
+
+
+def _finish_folder(tmp: Path, report: dict[str, Any], out: str | Path) -> None:
+    """Hashes of the written adapter files, the resolved output path, the report files and the spectrum plot."""
+    report["output"]["sha256"] = {
+        name: sha256_file(tmp / name) for name in ("adapter_config.json", "adapter_model.safetensors")
+    }
+    report["config"]["out"] = str(Path(out).expanduser().resolve())
+    write_report_files(tmp, report)
+    if report["method"].get("eigenvalues"):
+        plot_spectrum(report["method"]["eigenvalues"], tmp / "spectrum.png",
+                      title=f"{report['method']['estimator']} Fisher, k={report['method']['k_requested']}")
 
 
 def save_merged_adapter(result: MergeResult, out: str | Path, *, overwrite: bool = False) -> Path:
@@ -278,15 +442,9 @@ def save_merged_adapter(result: MergeResult, out: str | Path, *, overwrite: bool
             all_linear_names=list(base.linear_shapes) if base is not None else None,
         )
         result.report["timings"]["write"] = time.perf_counter() - t0
-        result.report["output"]["sha256"] = {
-            name: sha256_file(tmp / name) for name in ("adapter_config.json", "adapter_model.safetensors")
-        }
-        result.report["config"]["out"] = str(Path(out).expanduser().resolve())
-        write_report_files(tmp, result.report)
-        if result.report["method"].get("eigenvalues"):
-            plot_spectrum(result.report["method"]["eigenvalues"], tmp / "spectrum.png",
-                          title=f"{result.report['method']['estimator']} Fisher, k={result.report['method']['k_requested']}")
+        _finish_folder(tmp, result.report, out)
     final = Path(out).expanduser().resolve()
+    result.path = final
     log.info("wrote merged adapter to %s (rank %s)", final, result.report["output"]["rank"])
     return final
 
@@ -298,16 +456,23 @@ def merge_utility_safety(
     out: str | Path | None = None,
     *,
     overwrite: bool = False,
+    stream: bool = False,
     **options: Any,
 ) -> MergeResult:
     """One call: merge ``utility`` adapters with ``safety`` on ``base``; write to ``out`` if given.
 
     ``options`` are :class:`~sstmerge.merge.options.MergeOptions` fields (mode, safety_weight, k, ...) plus
-    ``allow_pickle`` and ``cache_dir``.
+    ``allow_pickle`` and ``cache_dir``. By default the merged adapter is built in memory and ``result.adapter``
+    holds it at full precision (float32, float64 for dense modes), then it is written. With ``out`` and
+    ``stream=True`` it is written module by module instead (:meth:`SSTMerger.merge_to`: memory bounded by a
+    few modules, the same files; the default of ``sst-merge merge``) and ``result.adapter`` reads the written
+    adapter lazily, in the output dtype.
     """
     allow_pickle = options.pop("allow_pickle", False)
     cache_dir = options.pop("cache_dir", None)
     merger = SSTMerger(base, allow_pickle=allow_pickle, cache_dir=cache_dir, **options)
+    if out is not None and stream:
+        return merger.merge_to(utility, safety, out, overwrite=overwrite)
     result = merger.merge(utility, safety)
     if out is not None:
         save_merged_adapter(result, out, overwrite=overwrite)

@@ -54,6 +54,11 @@ class MergeOptions(BaseModel):
     max_samples: int | None = Field(64, ge=1, description="Fisher: at most N examples per data file (seeded)")
     seed: int = Field(0, description="Fisher: sampling seed; dare_*: drop masks (per module: seed + crc32(name))")
     max_length: int = Field(256, ge=2, description="Fisher: max tokens per example")
+    fisher_batch_size: int = Field(8, ge=1, description="Fisher: examples per forward/backward (per-sample gradients "
+                                   "of a whole batch at once)")
+    fisher_device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Fisher: where the model runs")
+    fisher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Fisher: model dtype during the pass (bfloat16 for 8B models on GPUs)")
     density: float = Field(
         0.5, gt=0.0, le=1.0, description="ties, dare_linear, dare_ties, magnitude: share of the entries of each "
         "ΔW that is kept (1 = no pruning)",
@@ -81,7 +86,9 @@ class MergeOptions(BaseModel):
         from ..fisher.run import FisherSettings
 
         return FisherSettings(harmful_data=self.harmful_data, benign_data=self.benign_data,
-                              max_samples=self.max_samples, seed=self.seed, max_length=self.max_length)
+                              max_samples=self.max_samples, seed=self.seed, max_length=self.max_length,
+                              batch_size=self.fisher_batch_size, device=self.fisher_device,
+                              dtype=self.fisher_dtype)
 
 
 class MergeConfig(MergeOptions):
@@ -94,6 +101,10 @@ class MergeConfig(MergeOptions):
     overwrite: bool = Field(False, description="replace --out if it exists")
     allow_pickle: bool = Field(False, description="allow legacy pickled .pt/.bin adapters (read with weights_only=True)")
     cache_dir: str | None = Field(None, description="cache folder (converted models, Fisher statistics)")
+    stream: bool = Field(
+        True, description="write the merged adapter module by module as it is composed, reading the inputs lazily "
+        "(memory bounded by a few modules); --no-stream builds it in memory first. Same files either way",
+    )
 
     def options(self) -> MergeOptions:
         return MergeOptions(**{k: getattr(self, k) for k in MergeOptions.model_fields})

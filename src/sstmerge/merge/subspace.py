@@ -36,12 +36,13 @@ def project_safety(
     for scope_name, members in groups.items():
         dim = sum(stats.dim(m) for m in members)
         if estimator == "empirical":
-            K = sum(stats.gram[m] for m in members)
+            K = stats.gram_total if scope == "global" else sum(stats.gram[m] for m in members)
             sub = safety_subspace_from_gram(K, stats.n_harm, k, dim=dim, eps=eps, clamp_k=clamp_k, where=f"scope {scope_name}")
             G_phi = sum(stats.G_phi[m] for m in members)
             beta = span_coefficients(sub.basis_coef, G_phi)  # (N,)
             for m in members:
-                out.P_phi[m] = project_block(run.store.block(m), beta)
+                chunks = run.store.iter_column_chunks(m)  # G_mᵀ β one column chunk at a time
+                out.P_phi[m] = torch.cat([project_block(C, beta) for _, _, C in chunks])
             out.spectra[scope_name] = sub.eigenvalues.tolist()
             out.effective_k[scope_name] = sub.k
             out.damping[scope_name] = sub.damping
