@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from sstmerge.data.chat import encode_example
+from sstmerge.data.chat import collate, encode_example
 from sstmerge.data.jsonl import bundled_path, load_examples
-from sstmerge.fisher.gradients import answer_log_likelihood, iter_batched_gradients, looped_per_sample_gradients, pad_batch
+from sstmerge.fisher.gradients import answer_log_likelihood, iter_batched_gradients, looped_per_sample_gradients
 from sstmerge.fisher.point import load_fisher_point, module_layout
 from sstmerge.fisher.store import GradientStore
 from sstmerge.io.adapter import read_adapter
@@ -84,7 +84,8 @@ def main() -> None:
 
         def train_pass() -> None:
             for rows in batches:
-                ids, mask, labels = (t.to(args.device) for t in pad_batch([encoded[i] for i in rows]))
+                b = collate([encoded[i] for i in rows], 0)  # right padding, as the Fisher pass pads
+                ids, mask, labels = (b[k].to(args.device) for k in ("input_ids", "attention_mask", "labels"))
                 logits = model(input_ids=ids, attention_mask=mask).logits
                 n_tok = (labels[:, 1:] != -100).sum()
                 loss = -answer_log_likelihood(logits, labels).sum() / n_tok
@@ -102,8 +103,8 @@ def main() -> None:
             for _ in looped_per_sample_gradients(model, layers, [encoded[i] for i in order[:: max(1, n // args.looped_n)][: args.looped_n]]):
                 pass
 
-        ids, mask, labels = pad_batch([encoded[i] for i in batches[0]])  # warm-up (allocator, kernels)
-        model(input_ids=ids.to(args.device), attention_mask=mask.to(args.device))
+        warm = collate([encoded[i] for i in batches[0]], 0)  # warm-up (allocator, kernels)
+        model(input_ids=warm["input_ids"].to(args.device), attention_mask=warm["attention_mask"].to(args.device))
         results = {}
         for name, fn in (("train", train_pass), ("fisher", fisher_pass), ("train (again)", train_pass),
                          ("fisher (again)", fisher_pass), ("looped", looped_pass)):

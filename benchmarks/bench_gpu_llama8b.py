@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from sstmerge.fisher.gradients import answer_log_likelihood, batched_per_sample_gradients, pad_batch
+from sstmerge.data.chat import collate
+from sstmerge.fisher.gradients import answer_log_likelihood, batched_per_sample_gradients
 from sstmerge.fisher.point import lora_layers
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -87,7 +88,8 @@ def main() -> None:
 
     def train_pass():
         for batch in batches:
-            ids, mask, labels = (t.to(args.device) for t in pad_batch(batch))
+            b = collate(batch, 0)  # right padding, as the Fisher pass pads
+            ids, mask, labels = (b[k].to(args.device) for k in ("input_ids", "attention_mask", "labels"))
             logits = model(input_ids=ids, attention_mask=mask).logits
             loss = -answer_log_likelihood(logits, labels).sum() / (labels[:, 1:] != -100).sum()
             loss.backward()

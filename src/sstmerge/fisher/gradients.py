@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.chat import collate
+
 
 def answer_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``log p(y|x) = Σ_t log softmax(logits_{t-1})[y_t]`` over positions whose label is not -100.
@@ -43,21 +45,6 @@ class LoraLayer:
 
     A: torch.nn.Linear
     B: torch.nn.Linear
-
-
-def pad_batch(encoded: Sequence[dict], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad ``[{"input_ids", "labels"}, ...]`` → input_ids, attention_mask, labels (B, T_max); labels -100
-    on padding. Right padding keeps every example's positions 0..T_i-1, as when it runs alone."""
-    T = max(len(e["input_ids"]) for e in encoded)
-    ids = torch.full((len(encoded), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(encoded), T), -100, dtype=torch.long)
-    mask = torch.zeros((len(encoded), T), dtype=torch.long)
-    for b, e in enumerate(encoded):
-        n = len(e["input_ids"])
-        ids[b, :n] = torch.tensor(e["input_ids"])
-        labels[b, :n] = torch.tensor(e["labels"])
-        mask[b, :n] = 1
-    return ids, mask, labels
 
 
 @contextmanager
@@ -87,7 +74,8 @@ def batched_per_sample_gradients(
     """``{module: G_m}`` with ``G_m[b] = [vec(∂ℓ_b/∂A_m); vec(∂ℓ_b/∂B_m)]`` (B, D_m) float32, on the model's
     device, for the examples of one batch, from one forward and one backward."""
     device = next(model.parameters()).device
-    ids, mask, labels = (t.to(device) for t in pad_batch(encoded, pad_id))
+    batch = collate(encoded, pad_id, padding_side="right")  # right padding keeps each example's positions
+    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     with _capture(layers) as seen:
         logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
     loglik = answer_log_likelihood(logits, labels)  # (B,)

@@ -75,7 +75,7 @@ class ComposedModule:
     entry: dict
 
 
-def _weight(label: str, coef: float | None, module: str, safety_weights: dict[str, float]) -> float:
+def _weight(coef: float | None, module: str, safety_weights: dict[str, float]) -> float:
     return safety_weights.get(module, 0.0) if coef is None else coef
 
 
@@ -132,8 +132,8 @@ def plan_compose(
         if recompress_rank is not None:
             ranks[module] = recompress_rank
             continue
-        r = sum(sp[module].rank for label, sp, coef in specs
-                if module in sp and _weight(label, coef, module, safety_weights) != 0.0)
+        r = sum(sp[module].rank for _, sp, coef in specs
+                if module in sp and _weight(coef, module, safety_weights) != 0.0)
         ranks[module] = r or 1
     return ComposePlan(shapes=_first_shapes(sources, names), ranks=ranks, rank=max(ranks.values(), default=0),
                        full_shapes=_full_shapes(sources, base))
@@ -165,7 +165,7 @@ def iter_compose(
             lm = adapter.modules[module]  # read (and NaN/Inf-checked) now for a lazy adapter
             if first is None:
                 first = lm
-            weight = _weight(label, coef, module, safety_weights)
+            weight = _weight(coef, module, safety_weights)
             present.append(label)
             if weight != 0.0:
                 terms.append((weight * lm.scale, lm.A, lm.B))
@@ -198,9 +198,9 @@ def iter_full_tensors(
     for key in keys:
         w_base = base.load_parameter(key).to(torch.float64)
         total = w_base.clone()
-        for label, adapter, coef in sources:
+        for _, adapter, coef in sources:
             if key in adapter.full_tensors:
-                weight = _weight(label, coef, key, safety_weights)
+                weight = _weight(coef, key, safety_weights)
                 total += weight * (adapter.full_tensors[key].to(torch.float64) - w_base)
         yield key, total.to(torch.float32), {"full_tensor": True, "present_in": [lbl for lbl, a, _ in sources if key in a.full_tensors]}
 
