@@ -100,9 +100,9 @@ def test_store_and_stats_folder_round_trip(tmp_path):
     # a reopened store (e.g. another process) sees the same rows; a different problem is refused
     again = GradientStore.open(tmp_path / "f", n, 4, layout, create=False)
     torch.testing.assert_close(again.block("b"), blocks["b"])
-    from sstmerge import FisherError
+    from sstmerge import CacheCorruptError
 
-    with pytest.raises(FisherError, match="no gradient store"):
+    with pytest.raises(CacheCorruptError, match="made for another problem"):
         GradientStore.open(tmp_path / "f", n + 1, 4, layout, create=False)
     # statistics written module by module by two "processes", then loaded lazily
     ref = stats_in_memory(InMemoryGradients(blocks, 4, layout), phi)
@@ -145,7 +145,9 @@ def test_two_process_fisher_equals_one_process(tiny_base, tmp_path, adapter_fact
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder = tmp_path / "two" / "fisher" / one.folder.name
     two = FisherStats.load(folder / "stats")
-    meta = __import__("json").loads((folder / "fisher_meta.json").read_text())
+    from sstmerge.io.integrity import read_checked_json
+
+    meta = read_checked_json(folder / "fisher_meta.json")
     assert meta["world_size"] == 2 and meta["n_harm"] == 5 and meta["n_benign"] == 5
     assert two.layout == one.stats.layout
     scale = float(np.abs(one.stats.gram_total).max())

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from sstmerge import UnsafeOutputError
 from sstmerge import (
     AdapterFormatError,
     AdapterMismatchError,
@@ -195,8 +196,15 @@ def test_existing_output_is_kept_unless_overwrite(tiny_base, tmp_path, good):
     with pytest.raises(OutputExistsError, match="--overwrite"):
         merge_utility_safety(tiny_base, [good], None, out)
     assert (out / "keep.txt").read_text() == "precious"
+    # --overwrite never deletes a folder that sstmerge did not write
+    with pytest.raises(UnsafeOutputError, match="did not write"):
+        merge_utility_safety(tiny_base, [good], None, out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "precious"
+    # an earlier sstmerge output is replaced
+    (out / "keep.txt").unlink()
     merge_utility_safety(tiny_base, [good], None, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()
+    merge_utility_safety(tiny_base, [good], good, out, overwrite=True)
+    assert (out / "adapter_model.safetensors").exists() and (out / ".sstmerge-output.json").exists()
 
 
 def test_crash_while_writing_leaves_nothing(tiny_base, tmp_path, good, monkeypatch):

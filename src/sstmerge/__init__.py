@@ -9,14 +9,17 @@ from .errors import (
     AdapterError,
     AdapterFormatError,
     AdapterMismatchError,
+    CacheCorruptError,
     ConfigError,
     DataError,
     FisherError,
     ModelError,
     NonFiniteError,
+    OutputBusyError,
     OutputExistsError,
     PickleRefusedError,
     SSTMergeError,
+    UnsafeOutputError,
     UnsupportedAdapterError,
 )
 from .io.adapter import LoraAdapter, LoraModule, read_adapter, write_adapter
@@ -27,9 +30,10 @@ from .merge.options import MergeConfig, MergeOptions
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterError", "AdapterFormatError", "AdapterMismatchError", "ConfigError", "DataError", "FisherError",
+    "AdapterError", "AdapterFormatError", "AdapterMismatchError", "CacheCorruptError", "ConfigError", "DataError", "FisherError",
     "LoraAdapter", "LoraModule", "MergeConfig", "MergeOptions", "MergeResult", "ModelError", "NonFiniteError",
-    "OutputExistsError", "PickleRefusedError", "SSTMergeError", "SSTMerger", "UnsupportedAdapterError",
+    "OutputBusyError", "OutputExistsError", "PickleRefusedError", "SSTMergeError", "SSTMerger",
+    "UnsafeOutputError", "UnsupportedAdapterError",
     "build_tiny_llama", "load_base_info", "merge_utility_safety", "read_adapter", "resolve_base",
     "save_merged_adapter", "write_adapter",
 ]

@@ -28,3 +28,10 @@ def setup_logging(verbosity: int = 0, quiet_mode: bool = False) -> None:
     logger.propagate = False
     for noisy in ("transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR if quiet_mode else logging.WARNING)
+    if quiet_mode:  # transformers' own progress bars ("Loading weights") ignore the logging level
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass

@@ -33,7 +33,7 @@ class AdapterMismatchError(AdapterError):
 
 
 class NonFiniteError(AdapterError):
-    """An adapter tensor contains NaN or Inf."""
+    """An adapter tensor contains NaN or Inf (an input, or a merged output before it is written)."""
 
 
 class PickleRefusedError(AdapterFormatError):
@@ -54,3 +54,22 @@ class FisherError(SSTMergeError):
 
 class OutputExistsError(SSTMergeError):
     """The output folder exists and ``overwrite`` was not requested."""
+
+
+class UnsafeOutputError(SSTMergeError):
+    """The output path may not be written or replaced: it is (or holds) an input, the current directory, a
+    folder sstmerge did not write, or it lies outside the folder it must stay in."""
+
+
+class OutputBusyError(SSTMergeError):
+    """Another sstmerge process is writing the same output folder or cache entry right now."""
+
+
+class CacheCorruptError(SSTMergeError):
+    """A cache file failed its integrity check (truncated, edited, NaN bytes); callers discard and recompute.
+
+    ``rows``: for the Fisher gradient store, the damaged rows (recomputed alone)."""
+
+    def __init__(self, message: str, *, rows: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.rows = list(rows or [])

@@ -3,6 +3,7 @@ so the CLI, the YAML config and the Python API share one set of names."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -72,12 +73,65 @@ def options_from_model(model) -> list[click.Option]:
     return opts
 
 
-def _fail(exc: SSTMergeError) -> typing.NoReturn:
-    click.echo(f"error: {exc}", err=True)
+def _fail(message: str) -> typing.NoReturn:
+    click.echo(f"error: {message}", err=True)
     sys.exit(2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space (or choose another --out / --cache-dir) and run again",
+    errno.EFBIG: "a file outgrew the file-size limit (ulimit -f): raise the limit and run again",
+    errno.EDQUOT: "the disk quota is exhausted: free space and run again",
+    errno.EACCES: "permission denied: check the folder's permissions or choose another path",
+    errno.EPERM: "operation not permitted: check the folder's permissions or choose another path",
+    errno.EROFS: "the file system is read-only: choose a writable --out / --cache-dir",
+    errno.ENOENT: "no such file or folder: check the path",
+}
+
+
+def describe_failure(exc: BaseException) -> str | None:
+    """The one-line ``error:`` message for an expected failure, or None for a bug (which keeps its traceback).
+
+    Expected: every :class:`SSTMergeError`, operating-system errors (disk full, file-size limit, permissions:
+    outputs are atomic, so nothing half-written is left), and refused unpickling."""
+    import pickle
+
+    if isinstance(exc, SSTMergeError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        where = f" {exc.filename}" if exc.filename else ""
+        hint = _OS_HINTS.get(exc.errno, "check the path and the disk")
+        return f"{exc.strerror or exc}{':' if where else ''}{where}. {hint}; no output was left half-written"
+    if isinstance(exc, pickle.UnpicklingError):
+        return (f"refused to unpickle a file ({exc}); sstmerge reads pickled checkpoints only with weights_only=True. "
+                "Convert the file to safetensors (e.g. model.save_pretrained(..., safe_serialization=True))")
+    return None
+
+
+class _Group(click.Group):
+    """The ``sst-merge`` group: one error handler for every command (``error: ...`` and exit 2 for expected
+    failures, exit 130 on Ctrl-C, 128 + N on SIGTERM/SIGHUP after clean-up)."""
+
+    def invoke(self, ctx: click.Context):
+        from ..io.atomic import Terminated
+
+        try:
+            return super().invoke(ctx)
+        except Terminated as exc:
+            click.echo(f"error: terminated by signal {exc.code - 128}; temporary files were removed", err=True)
+            raise
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; temporary files were removed", err=True)
+            sys.exit(130)
+        except Exception as exc:
+            message = describe_failure(exc)
+            if message is None:
+                raise
+            log.debug("details", exc_info=True)
+            _fail(message)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-q", "--quiet", is_flag=True, help="only warnings and errors; no progress bars")
 @click.option("-v", "--verbose", count=True, help="debug logging")
 @click.version_option(package_name="sstmerge")
@@ -90,7 +144,7 @@ def _merge_command() -> click.Command:
     from ..merge.options import MergeConfig
 
     def run(config: str | None, **flags) -> None:
-        from ..merge.merger import SSTMerger, save_merged_adapter, summary_text
+        from ..merge.merger import SSTMerger, summary_text
         from ..merge.options import build_config, load_config_file
 
         values = load_config_file(config) if config else {}
@@ -104,26 +158,16 @@ def _merge_command() -> click.Command:
         if cfg.safety is None and not cfg.utility:
             raise ConfigError("nothing to merge: pass --utility U1 [U2 ...] and/or --safety S")
         merger = SSTMerger(cfg.base, allow_pickle=cfg.allow_pickle, cache_dir=cfg.cache_dir, **cfg.options().model_dump())
-        if cfg.stream:  # module by module straight into --out (bounded memory)
-            result = merger.merge_to(cfg.utility, cfg.safety, cfg.out, overwrite=cfg.overwrite, config=cfg)
-            path = result.path
-        else:
-            result = merger.merge(cfg.utility, cfg.safety, config=cfg)
-            path = save_merged_adapter(result, cfg.out, overwrite=cfg.overwrite)
+        # stream: module by module straight into --out (bounded memory); else in memory, then written
+        result = merger.merge_to(cfg.utility, cfg.safety, cfg.out, overwrite=cfg.overwrite, config=cfg, stream=cfg.stream)
         click.echo(summary_text(result.report), err=True, nl=False)
-        click.echo(str(path))
-
-    def callback(**kwargs):
-        try:
-            run(**kwargs)
-        except SSTMergeError as exc:
-            _fail(exc)
+        click.echo(str(result.path))
 
     params = [click.Option(["--config"], type=click.Path(dir_okay=False), default=None, help="YAML file with the same keys as the flags")]
     params += options_from_model(MergeConfig)
     return click.Command(
         "merge",
-        callback=callback,
+        callback=run,
         params=params,
         help="Merge utility adapter(s) and a safety adapter into one PEFT adapter folder (--out), with merge_report.json.",
     )
@@ -138,7 +182,8 @@ def _fisher_command() -> click.Command:
     from ..merge.options import MergeConfig
 
     keep = ("base", "utility", "safety", "utility_coefficients", "utility_weights", "harmful_data", "benign_data",
-            "max_samples", "seed", "max_length", "fisher_batch_size", "fisher_device", "fisher_dtype", "damping", "cache_dir")
+            "max_samples", "seed", "max_length", "fisher_batch_size", "fisher_device", "fisher_dtype", "damping", "cache_dir",
+            "allow_pickle", "overwrite")
     fields = {k: (MergeConfig.model_fields[k].annotation, MergeConfig.model_fields[k]) for k in keep}
     fields["out"] = (str | None, None)
     FisherCommand = create_model("FisherCommand", **fields)
@@ -148,7 +193,7 @@ def _fisher_command() -> click.Command:
         from ..fisher.distributed import init_from_env, shutdown
         from ..fisher.run import compute_fisher
         from ..io.adapter import read_adapter
-        from ..io.atomic import atomic_output_dir
+        from ..io.atomic import atomic_output_dir, check_output_target
         from ..linalg.eigen import safety_subspace_from_gram
         from ..merge.compose import utility_coefficients
         from ..merge.options import build_config
@@ -160,9 +205,11 @@ def _fisher_command() -> click.Command:
         cfg = build_config(values, "command line")
         if cfg.safety is None:
             raise ConfigError("the Fisher is taken over the safety adapter's factors: pass --safety")
+        if flags.get("out"):  # check --out before the (long) pass; claimed again when the report is written
+            check_output_target(flags["out"], overwrite=cfg.overwrite, inputs=fisher_inputs(cfg))
         base = load_base_info(cfg.base, cfg.cache_dir)
-        utility = [read_adapter(u) for u in cfg.utility]
-        safety = read_adapter(cfg.safety)
+        utility = [read_adapter(u, allow_pickle=cfg.allow_pickle) for u in cfg.utility]
+        safety = read_adapter(cfg.safety, allow_pickle=cfg.allow_pickle)
         coefs = utility_coefficients(len(utility), cfg.utility_coefficients, cfg.utility_weights)
         dist = init_from_env(cfg.fisher_device)  # torchrun: one process per GPU / CPU worker
         try:
@@ -181,19 +228,19 @@ def _fisher_command() -> click.Command:
                    f"positive eigenvalues: {sub.available_rank}")
         click.echo("top λ: " + ", ".join(f"{x:.4g}" for x in sub.eigenvalues[:10]))
         if flags.get("out"):
-            with atomic_output_dir(flags["out"]) as tmp:
+            with atomic_output_dir(flags["out"], cfg.overwrite, inputs=fisher_inputs(cfg), kind="fisher") as tmp:
                 (tmp / "fisher_report.json").write_text(json.dumps(report, indent=2, default=str))
                 plot_spectrum(spectrum, tmp / "spectrum.png", title="global empirical Fisher")
             click.echo(str(Path(flags["out"]).resolve()))
 
-    def callback(**kwargs):
-        try:
-            run(**kwargs)
-        except SSTMergeError as exc:
-            _fail(exc)
+    def fisher_inputs(cfg) -> list:
+        from ..io.models import default_cache_dir
+
+        return [*cfg.utility, cfg.safety, cfg.base, cfg.cache_dir or default_cache_dir(),
+                *(d for d in (cfg.harmful_data, cfg.benign_data) if not d.startswith("bundled:"))]
 
     return click.Command(
-        "fisher", callback=callback, params=options_from_model(FisherCommand),
+        "fisher", callback=run, params=options_from_model(FisherCommand),
         help="Compute (or load from the cache) the Fisher statistics of a safety adapter and show the spectrum. "
         "Later merges with the same base/adapters/data reuse them for any k, mode, preset or weights. "
         "Multi-process / multi-GPU: torchrun --nproc-per-node N sst-merge fisher ... (examples and modules are "
@@ -212,10 +259,7 @@ def inspect(adapter: str, allow_pickle: bool, as_json: bool) -> None:
     """Show an adapter's ranks, scales, target modules and norms."""
     from ..io.inspect import describe_adapter, render_table
 
-    try:
-        info = describe_adapter(adapter, allow_pickle=allow_pickle)
-    except SSTMergeError as exc:
-        _fail(exc)
+    info = describe_adapter(adapter, allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps(info, indent=2))
     else:
@@ -242,33 +286,33 @@ def inspect(adapter: str, allow_pickle: bool, as_json: bool) -> None:
 @click.option("--templates-per-prompt", type=int, default=None,
               help="jailbreak: wrap each prompt in N templates (rotating) instead of all of them")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="results JSON (written atomically)")
+@click.option("--overwrite", is_flag=True, help="replace --out if it is an earlier sstmerge results file")
 def eval_command(base, adapter, suites, data, templates, limit, max_new_tokens, batch_size, shots, judges, cache_dir,
-                 no_cache, device, backend, templates_per_prompt, out) -> None:
+                 no_cache, device, backend, templates_per_prompt, out, overwrite) -> None:
     """Evaluate a base model (+ adapter): jailbreak resistance, over-refusal, multiple choice, reading comprehension."""
     from rich.console import Console
     from rich.table import Table
 
     from ..eval.runner import evaluate, summary_rows
     from ..eval.suites import EvalSettings
-    from ..io.atomic import atomic_write_text
+    from ..io.atomic import atomic_output_file, check_output_target
 
-    try:
-        data_map: dict[str, str] = {}
-        for d in data:
-            if "=" in d and d.split("=", 1)[0] in suites:
-                k, v = d.split("=", 1)
-                data_map[k] = v
-            elif len(suites) == 1:
-                data_map[suites[0]] = d
-            else:
-                raise ConfigError(f"--data {d!r}: with several suites write SUITE=FILE (suites: {', '.join(suites)})")
-        settings = EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, shots=shots,
-                                judges=tuple(judges), backend=backend, templates_per_prompt=templates_per_prompt)
-        result = evaluate(base, list(suites), adapter=adapter, data=data_map, templates=templates, settings=settings,
-                          cache_dir=cache_dir, use_cache=not no_cache, device=device)
-        atomic_write_text(out, json.dumps(result, indent=2, default=str) + "\n")
-    except SSTMergeError as exc:
-        _fail(exc)
+    data_map: dict[str, str] = {}
+    for d in data:
+        if "=" in d and d.split("=", 1)[0] in suites:
+            k, v = d.split("=", 1)
+            data_map[k] = v
+        elif len(suites) == 1:
+            data_map[suites[0]] = d
+        else:
+            raise ConfigError(f"--data {d!r}: with several suites write SUITE=FILE (suites: {', '.join(suites)})")
+    inputs = [base, adapter, templates, *data_map.values()]
+    check_output_target(out, overwrite=overwrite, inputs=inputs, is_file=True)  # before the (long) evaluation
+    settings = EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, shots=shots,
+                            judges=tuple(judges), backend=backend, templates_per_prompt=templates_per_prompt)
+    result = evaluate(base, list(suites), adapter=adapter, data=data_map, templates=templates, settings=settings,
+                      cache_dir=cache_dir, use_cache=not no_cache, device=device)
+    atomic_output_file(out, json.dumps(result, indent=2, default=str) + "\n", overwrite=overwrite, inputs=inputs)
     from rich.markup import escape
 
     table = Table("suite", "metric", "value", title=escape(f"{base}{' + ' + adapter if adapter else ''}"))
@@ -284,18 +328,15 @@ def _train_command() -> click.Command:
     def callback(base, data, out, max_samples, overwrite, cache_dir, **flags) -> None:
         from ..train.sft import train_from_files
 
+        values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()
+                  if v is not None and not (isinstance(v, tuple) and not v)}
         try:
-            values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()
-                      if v is not None and not (isinstance(v, tuple) and not v)}
-            try:
-                options = TrainOptions(**values)
-            except ValidationError as exc:
-                raise ConfigError("; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']} "
-                                            f"(got {e.get('input')!r})" for e in exc.errors())) from None
-            path = train_from_files(base, list(data), out, options, max_samples=max_samples, cache_dir=cache_dir,
-                                    overwrite=overwrite)
-        except SSTMergeError as exc:
-            _fail(exc)
+            options = TrainOptions(**values)
+        except ValidationError as exc:
+            raise ConfigError("; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']} "
+                                        f"(got {e.get('input')!r})" for e in exc.errors())) from None
+        path = train_from_files(base, list(data), out, options, max_samples=max_samples, cache_dir=cache_dir,
+                                overwrite=overwrite)
         report = json.loads((path / "train_report.json").read_text())
         click.echo(f"loss {report['initial_loss']:.4f} -> {report['final_loss']:.4f} "
                    f"({report['n_examples']} examples, {options.steps} steps, {report['seconds']:.0f} s)", err=True)
@@ -307,7 +348,7 @@ def _train_command() -> click.Command:
                      help="training JSONL (prompt/response or messages; 'bundled:NAME'); repeatable, concatenated"),
         click.Option(["--out"], required=True, type=click.Path(file_okay=False), help="adapter folder (atomic)"),
         click.Option(["--max-samples"], type=int, default=None, help="at most N examples per data file (seeded)"),
-        click.Option(["--overwrite"], is_flag=True, help="replace --out if it exists"),
+        click.Option(["--overwrite"], is_flag=True, help="replace --out if it is an earlier sstmerge output"),
         click.Option(["--cache-dir"], default=None, type=click.Path(file_okay=False)),
     ] + options_from_model(TrainOptions)
     return click.Command(
@@ -338,10 +379,7 @@ def prepare_base(spec: str, cache_dir: str | None) -> None:
     """Resolve a base model (converting the bundled SmolLM2 once) and print its folder."""
     from ..io.models import resolve_base
 
-    try:
-        click.echo(str(resolve_base(spec, cache_dir)))
-    except SSTMergeError as exc:
-        _fail(exc)
+    click.echo(str(resolve_base(spec, cache_dir)))
 
 
 @cli.command("tiny-model")
@@ -352,11 +390,8 @@ def tiny_model(out: str, seed: int) -> None:
     from ..io.atomic import atomic_output_dir
     from ..io.models import build_tiny_llama
 
-    try:
-        with atomic_output_dir(out) as tmp:
-            build_tiny_llama(tmp, seed=seed)
-    except SSTMergeError as exc:
-        _fail(exc)
+    with atomic_output_dir(out, kind="tiny-model") as tmp:
+        build_tiny_llama(tmp, seed=seed)
     click.echo(str(Path(out).resolve()))
 
 
@@ -364,11 +399,8 @@ def _run_grid(config: str, quick: bool, out: str, base: str | None, cache_dir: s
     from ..pipeline.experiments import load_experiment_config, run_experiments, summary_table
 
     overrides = {k: v for k, v in (("base", base), ("cache_dir", cache_dir), ("seed", seed)) if v is not None}
-    try:
-        cfg = load_experiment_config(config, quick=quick, overrides=overrides)
-        result = run_experiments(cfg, out, config_source=f"{config}{' --quick' if quick else ''}")
-    except SSTMergeError as exc:
-        _fail(exc)
+    cfg = load_experiment_config(config, quick=quick, overrides=overrides)
+    result = run_experiments(cfg, out, config_source=f"{config}{' --quick' if quick else ''}")
     click.echo(summary_table(result))
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     for name, g in result["adapter_task_gain"].items():
@@ -402,6 +434,9 @@ def demo(quick: bool, out: str, base: str | None, cache_dir: str | None) -> None
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ..io.atomic import install_signal_handlers
+
+    install_signal_handlers()  # SIGTERM / SIGHUP clean up temp folders like Ctrl-C does
     args = expand_greedy(list(sys.argv[1:] if argv is None else argv))
     cli.main(args=args, prog_name="sst-merge")
 

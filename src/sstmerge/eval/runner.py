@@ -3,6 +3,9 @@
 Results are cached per suite under ``<cache>/eval/<fingerprint>.json``; the fingerprint covers the model
 weights (SHA-256 of the files), the adapter files, the data (file hash, or generator parameters), the
 generation settings, the judges, the suite's prompt format and the chat template -- never a name alone.
+Each entry is written atomically with a checksum and verified when read: a truncated, emptied or edited
+entry is reported, discarded and recomputed (never reported as is). One process computes a given entry at
+a time (a lock per key); a concurrent run of the same evaluation waits, then reuses it.
 """
 
 from __future__ import annotations
@@ -14,16 +17,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
-from ..io.atomic import atomic_write_text
+from ..errors import CacheCorruptError, ConfigError
+from ..io.atomic import remove_stale_temps
 from ..io.hashing import model_files, sha256_file, sha256_files
-from ..io.models import default_cache_dir, load_causal_lm, resolve_base
+from ..io.integrity import read_checked_json, write_checked_json
+from ..io.locking import PathLock
+from ..io.models import default_cache_dir, load_base_info, load_causal_lm, resolve_base
 from ..merge.report import now_iso, versions
 from .suites import SUITES, EvalSettings, SuiteContext
 
 log = logging.getLogger(__name__)
 
-EVAL_FORMAT = 2  # 2: model-based judges run with the adapter disabled
+EVAL_FORMAT = 3  # 2: model-based judges run with the adapter disabled; 3: checksummed cache entries
+EVAL_RESULT_VERSION = 1  # the "sstmerge_eval_version" of a results file (eval --out)
 
 
 class _AdapterDisabled:
@@ -138,8 +144,10 @@ def evaluate(
     adapter_digest, adapter_obj = None, None
     if adapter is not None:
         from ..io.adapter import read_adapter
+        from ..io.validate import validate_against_base
 
-        adapter_obj = read_adapter(adapter)  # also validates the adapter
+        adapter_obj = read_adapter(adapter)  # also validates the adapter's files and values
+        validate_against_base(adapter_obj, load_base_info(base_path))  # every module exists with its shape
         adapter_digest = sha256_files(adapter_obj.files)
     root = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "eval"
 
@@ -163,36 +171,41 @@ def evaluate(
                      "chat_template": hashlib.sha256((chat_template or "").encode()).hexdigest()}
         key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()
         cache_file = root / f"{key[:32]}.json"
-        if use_cache and cache_file.is_file():
-            log.info("suite %s: cached result %s", suite, cache_file)
-            results[suite] = json.loads(cache_file.read_text()) | {"cache_hit": True}
-            continue
-        needs_hf = backend == "hf" or suite == "mcq" or any(j != "keyword" for j in settings.judges)
-        if model is None and needs_hf:  # with vLLM, the HF model is loaded only for log-likelihoods / model judges
-            model, _ = load_causal_lm(str(base_path), device=device)
-            if adapter is not None:
-                from peft import PeftModel
+        with PathLock(root / f".{cache_file.name}.sstmerge-lock", what=f"evaluation cache entry {cache_file}",
+                      timeout=None):
+            remove_stale_temps(root, cache_file.name)
+            cached = _read_cache(cache_file) if use_cache else None
+            if cached is not None:
+                log.info("suite %s: cached result %s", suite, cache_file)
+                results[suite] = cached | {"cache_hit": True}
+                continue
+            needs_hf = backend == "hf" or suite == "mcq" or any(j != "keyword" for j in settings.judges)
+            if model is None and needs_hf:  # with vLLM, the HF model is loaded only for log-likelihoods / model judges
+                model, _ = load_causal_lm(str(base_path), device=device)
+                if adapter is not None:
+                    from peft import PeftModel
 
-                model = PeftModel.from_pretrained(model, str(adapter)).eval()
-        judges = {}
-        for j in settings.judges:
-            judges[j] = JUDGES.get(j)(model, tokenizer)
-            if adapter is not None and hasattr(judges[j], "model"):  # model-based judges see the base model,
-                judges[j] = _AdapterDisabled(judges[j], model)           # the same judge for every adapter
-        if backend == "vllm" and generator is None:
-            from .generate import end_of_turn_ids
-            from .vllm_backend import VLLMGenerator
+                    model = PeftModel.from_pretrained(model, str(adapter)).eval()
+            judges = {}
+            for j in settings.judges:
+                judges[j] = JUDGES.get(j)(model, tokenizer)
+                if adapter is not None and hasattr(judges[j], "model"):  # model-based judges see the base model,
+                    judges[j] = _AdapterDisabled(judges[j], model)           # the same judge for every adapter
+            if backend == "vllm" and generator is None:
+                from .generate import end_of_turn_ids
+                from .vllm_backend import VLLMGenerator
 
-            generator = VLLMGenerator(base_path, tokenizer, adapter_obj,
-                                      eos_ids=end_of_turn_ids(_generation_config_holder(base_path), tokenizer))
-        ctx = SuiteContext(model=model, tokenizer=tokenizer, settings=settings, judges=judges, generator=generator)
-        t0 = time.perf_counter()
-        log.info("running suite %s", suite)
-        out = SUITES.get(suite).run(ctx, *items)
-        out.update({"data": digest, "seconds": time.perf_counter() - t0, "fingerprint": key})
-        atomic_write_text(cache_file, json.dumps(out, default=str))
-        results[suite] = out | {"cache_hit": False}
+                generator = VLLMGenerator(base_path, tokenizer, adapter_obj,
+                                          eos_ids=end_of_turn_ids(_generation_config_holder(base_path), tokenizer))
+            ctx = SuiteContext(model=model, tokenizer=tokenizer, settings=settings, judges=judges, generator=generator)
+            t0 = time.perf_counter()
+            log.info("running suite %s", suite)
+            out = SUITES.get(suite).run(ctx, *items)
+            out.update({"data": digest, "seconds": time.perf_counter() - t0, "fingerprint": key})
+            write_checked_json(cache_file, out)
+            results[suite] = json.loads(json.dumps(out, default=str)) | {"cache_hit": False}
     return {
+        "sstmerge_eval_version": EVAL_RESULT_VERSION,
         "created": now_iso(),
         "provenance": {"base": base, "base_path": str(base_path), "base_sha256": model_digest, "adapter": adapter,
                        "adapter_sha256": adapter_digest,
@@ -201,6 +214,21 @@ def evaluate(
         "suites": results,
         "seconds": time.perf_counter() - t_all,
     }
+
+
+def _read_cache(path: Path) -> dict[str, Any] | None:
+    """A verified cache entry, or None when there is none; a damaged one is reported and removed."""
+    if not path.is_file():
+        return None
+    try:
+        entry = read_checked_json(path)
+        if not isinstance(entry, dict) or not isinstance(entry.get("metrics"), dict):
+            raise CacheCorruptError(f"{path}: not an evaluation result")
+        return entry
+    except CacheCorruptError as exc:
+        log.warning("discarding a damaged evaluation cache entry (%s); recomputing it", exc)
+        path.unlink(missing_ok=True)
+        return None
 
 
 def summary_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:

@@ -34,6 +34,25 @@ class EvalSettings:
     templates_per_prompt: int | None = None  # jailbreak: None = every template on every prompt
     backend: str = "hf"  # generation backend: "hf" (transformers, batched) or "vllm"
 
+    def __post_init__(self) -> None:
+        """Bad settings are errors here, not silent wrong answers later (``limit=0`` used to report a rate of
+        0.000 over no items; ``limit=-1`` dropped an item through Python slicing)."""
+        from ..errors import ConfigError
+
+        def whole(name: str, value, lo: int, optional: bool = False) -> None:
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= {lo}, got {value!r}")
+
+        whole("max_new_tokens", self.max_new_tokens, 1)
+        whole("batch_size", self.batch_size, 1)
+        whole("limit", self.limit, 1, optional=True)
+        whole("shots", self.shots, 0)
+        whole("templates_per_prompt", self.templates_per_prompt, 1, optional=True)
+        if not self.judges:
+            raise ConfigError("at least one --judge is needed (keyword, logprob)")
+
     def as_dict(self) -> dict[str, Any]:
         out = {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, "limit": self.limit,
                "shots": self.shots, "judges": list(self.judges)}

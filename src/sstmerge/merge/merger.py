@@ -20,11 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .._logging import quiet
-from ..errors import AdapterMismatchError, ConfigError, OutputExistsError, UnsupportedAdapterError
+from ..errors import AdapterMismatchError, ConfigError, UnsupportedAdapterError
 from ..io.adapter import AdapterStreamWriter, LoraAdapter, read_adapter, write_adapter
-from ..io.atomic import atomic_output_dir
+from ..io.atomic import OutputClaim
 from ..io.hashing import model_files, sha256_file, sha256_files
-from ..io.models import BaseModelInfo, load_base_info
+from ..io.models import BaseModelInfo, default_cache_dir, load_base_info
 from ..io.validate import validate_against_base, validate_consistent
 from ..data.jsonl import load_examples, resolve_data
 from ..fisher.run import compute_fisher
@@ -41,7 +41,7 @@ from .compose import (
     plan_dense,
     utility_coefficients,
 )
-from .tables import PRESETS, WEIGHT_TABLES, load_table
+from .tables import PRESETS, WEIGHT_TABLES, load_table, module_type
 from .methods import METHODS, safety_weights
 from .options import MergeConfig, MergeOptions, build_config
 from .report import now_iso, plot_spectrum, summary_text, versions, write_report_files
@@ -92,6 +92,16 @@ class _Timer:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _abs(spec: str | Path | None) -> str | None:
+    """A path given relative to the working directory, made absolute (so merge_config.yaml can be re-run from
+    anywhere); names that are not existing paths (aliases, ``bundled:…``, preset names) are kept as they are."""
+    if spec is None:
+        return None
+    text = str(spec)
+    p = Path(text).expanduser()
+    return str(p.resolve()) if not text.startswith("bundled:") and p.exists() else text
 
 
 def _as_adapter(item: LoraAdapter | str | Path, allow_pickle: bool, lazy: bool = False) -> LoraAdapter:
@@ -160,7 +170,8 @@ class SSTMerger:
         return self._base
 
     @staticmethod
-    def _validate_fisher_inputs(opts: MergeOptions, base: BaseModelInfo | None, safety: LoraAdapter | None) -> None:
+    def _validate_fisher_inputs(opts: MergeOptions, base: BaseModelInfo | None, safety: LoraAdapter | None,
+                                types: set[str]) -> None:
         """Everything a Fisher-based mode needs, checked before any model runs."""
         if safety is None:
             raise ConfigError(f"mode {opts.mode!r} projects the safety adapter: pass --safety")
@@ -171,7 +182,7 @@ class SSTMerger:
         load_examples(resolve_data(opts.harmful_data), max_samples=opts.max_samples, seed=opts.seed)
         load_examples(resolve_data(opts.benign_data), max_samples=opts.max_samples, seed=opts.seed)
         if opts.mode == "layerwise":
-            load_table(opts.preset, PRESETS, lo=0.0, hi=1.0)
+            load_table(opts.preset, PRESETS, lo=0.0, hi=1.0, known_types=types)
 
     @staticmethod
     def _refuse_full_tensors(opts: MergeOptions, adapters: Sequence[LoraAdapter]) -> None:
@@ -212,16 +223,23 @@ class SSTMerger:
             else:
                 log.warning("no base model given: shapes are only checked between the adapters")
                 validate_consistent(everything)
+            types = {module_type(m) for a in everything for m in list(a.specs) + list(a.full_shapes)}
             if method.needs_fisher:
-                self._validate_fisher_inputs(opts, base, safety_adapter)
+                self._validate_fisher_inputs(opts, base, safety_adapter, types)
             if opts.layer_weights is not None:
-                load_table(opts.layer_weights, WEIGHT_TABLES)
+                load_table(opts.layer_weights, WEIGHT_TABLES, known_types=types)
             if dense:
                 self._refuse_full_tensors(opts, everything)
         if method.needs_fisher and safety_adapter is not None:
             # the Fisher pass and the projection read the safety adapter many times: one adapter, held in memory
             with timer.stage("load_inputs"):
                 safety_adapter = safety_adapter.materialize()
+        full_rank = max((min(spec.shape) for a in everything for spec in a.specs.values()), default=None)
+        if opts.recompress_rank is not None and full_rank is not None and opts.recompress_rank > full_rank:
+            warnings.append(f"recompress_rank {opts.recompress_rank} exceeds the full rank of every module "
+                            f"(largest min(d_out, d_in) = {full_rank}); using {full_rank}")
+            log.warning(warnings[-1])
+            opts = opts.model_copy(update={"recompress_rank": full_rank})
         coefficients = utility_coefficients(len(utility_adapters), opts.utility_coefficients, opts.utility_weights)
         return _Inputs(opts, method, dense, base, utility_adapters, safety_adapter, coefficients, warnings)
 
@@ -271,9 +289,14 @@ class SSTMerger:
                 log.warning(w)
         errors = [e["recompression_rel_error"] for e in module_report.values() if "recompression_rel_error" in e]
         resolved = (config or MergeConfig(**opts.model_dump())).model_dump()
-        resolved.update({"base": str(base.spec) if base is not None else None,
-                         "utility": [str(a.path) for a in inp.utility],
-                         "safety": str(inp.safety.path) if inp.safety is not None else None,
+        resolved.update(opts.model_dump())  # values resolved during validation (e.g. a capped recompress_rank)
+        resolved.update({"base": _abs(base.spec) if base is not None else None,
+                         "utility": [_abs(a.path) for a in inp.utility],
+                         "safety": _abs(inp.safety.path) if inp.safety is not None else None,
+                         "harmful_data": _abs(opts.harmful_data), "benign_data": _abs(opts.benign_data),
+                         "preset": _abs(opts.preset),
+                         "layer_weights": _abs(opts.layer_weights) if opts.layer_weights is not None else None,
+                         "cache_dir": _abs(self.cache_dir) if self.cache_dir is not None else None,
                          "stream": stream})
         return {
             "sstmerge_report_version": 1,
@@ -342,8 +365,10 @@ class SSTMerger:
         *,
         overwrite: bool = False,
         config: MergeConfig | None = None,
+        stream: bool = True,
     ) -> MergeResult:
-        """Merge straight into the PEFT folder ``out`` (atomically), one module at a time.
+        """Merge straight into the PEFT folder ``out`` (atomically), one module at a time (``stream=False``:
+        :meth:`merge` in memory, then :func:`save_merged_adapter`; same files).
 
         The inputs are read lazily (headers now, each module when it is composed), the output layout (the
         common rank R, every key's shape) comes from :func:`~sstmerge.merge.compose.plan_compose` /
@@ -355,10 +380,20 @@ class SSTMerger:
         merge_config.yaml) have the same content except ``config.stream``, ``created`` and ``timings``.
 
         Returns the report and, as ``adapter``, the written adapter opened lazily (tensors in the output dtype).
+        The output folder is claimed before any work (:class:`~sstmerge.io.atomic.OutputClaim`: never an input or
+        the current directory; ``overwrite`` replaces only an earlier sstmerge output; a concurrent writer of the
+        same folder fails at once).
         """
-        dest = Path(out).expanduser().resolve()
-        if dest.exists() and not overwrite:  # fail before any work (atomic_output_dir checks again)
-            raise OutputExistsError(f"output folder {dest} already exists; choose another --out or pass --overwrite")
+        if isinstance(utility, (str, Path, LoraAdapter)):
+            utility = [utility]
+        with OutputClaim(out, overwrite=overwrite, inputs=self.input_paths(utility, safety), kind="merge") as claim:
+            if stream:
+                return self._merge_to(utility, safety, claim, config)
+            result = self.merge(utility, safety, config=config)
+            save_merged_adapter(result, claim.dest, claim=claim)
+            return result
+
+    def _merge_to(self, utility, safety, claim: OutputClaim, config: MergeConfig | None) -> MergeResult:
         timer = _Timer()
         inp = self._prepare(utility, safety, timer, lazy=True)
         opts = inp.opts
@@ -377,7 +412,7 @@ class SSTMerger:
             fulls = iter_full_tensors(inp.utility, inp.coefficients, safety_used, weights, inp.base)
         base, dtype = inp.base, _DTYPES[opts.dtype]
         module_report: dict[str, dict] = {}
-        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        with claim.write() as tmp:
             with timer.stage("write"):
                 writer = AdapterStreamWriter(
                     tmp, plan.shapes, plan.rank, plan.full_shapes, dtype=dtype,
@@ -409,11 +444,27 @@ class SSTMerger:
             report = self._report(inp, config, timer, module_report=module_report, method_report=method_report,
                                   rank_out=plan.rank, n_modules=len(plan.shapes), full_keys=list(plan.full_shapes),
                                   stream=True)
-            _finish_folder(tmp, report, out)
-        final = Path(out).expanduser().resolve()
+            _finish_folder(tmp, report, claim.dest)
+        final = claim.dest
         log.info("wrote merged adapter to %s (rank %s)", final, report["output"]["rank"])
         return MergeResult(adapter=read_adapter(final, lazy=True), report=report, base=base, config=config,
                            timings=timer.timings, path=final)
+
+    def input_paths(self, utility, safety) -> list[Path]:
+        """Every file or folder this merge reads (an output may never be or hold one of them)."""
+        from ..data.jsonl import BUNDLED_PREFIX
+
+        items = list(utility if isinstance(utility, (list, tuple)) else [utility]) + [safety]
+        paths = [i.path if isinstance(i, LoraAdapter) else i for i in items if i is not None]
+        if isinstance(self.base_spec, BaseModelInfo):
+            paths.append(self.base_spec.path)
+        elif self.base_spec is not None:
+            paths.append(self.base_spec)  # an alias (smollm2) is no path and is skipped by the claim
+        opts = self.options
+        paths += [d for d in (opts.harmful_data, opts.benign_data) if not str(d).startswith(BUNDLED_PREFIX)]
+        paths += [t for t in (opts.preset, opts.layer_weights) if t is not None]
+        paths.append(self.cache_dir if self.cache_dir is not None else default_cache_dir())
+        return [Path(str(p)) for p in paths if p is not None]
 
 
 def _finish_folder(tmp: Path, report: dict[str, Any], out: str | Path) -> None:
@@ -428,12 +479,22 @@ def _finish_folder(tmp: Path, report: dict[str, Any], out: str | Path) -> None:
                       title=f"{report['method']['estimator']} Fisher, k={report['method']['k_requested']}")
 
 
-def save_merged_adapter(result: MergeResult, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the merged adapter (PEFT folder) + merge_report.json/.txt + merge_config.yaml, atomically."""
+def save_merged_adapter(result: MergeResult, out: str | Path, *, overwrite: bool = False,
+                        claim: OutputClaim | None = None) -> Path:
+    """Write the merged adapter (PEFT folder) + merge_report.json/.txt + merge_config.yaml, atomically.
+
+    Every tensor is checked finite in the output dtype before the folder is committed. ``out`` is claimed
+    under the rules of :class:`~sstmerge.io.atomic.OutputClaim` (inputs named in the report are protected),
+    or pass the ``claim`` already held."""
     t0 = time.perf_counter()
     dtype = _DTYPES[result.report["output"]["dtype"]]
     base = result.base
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    if claim is None:
+        cfg = result.report.get("config", {})
+        inputs = [*cfg.get("utility", []), cfg.get("safety"), base.path if base is not None else None]
+        with OutputClaim(out, overwrite=overwrite, inputs=inputs, kind="merge") as claim:
+            return save_merged_adapter(result, claim.dest, claim=claim)
+    with claim.write() as tmp:
         write_adapter(
             result.adapter,
             tmp,
@@ -442,8 +503,8 @@ def save_merged_adapter(result: MergeResult, out: str | Path, *, overwrite: bool
             all_linear_names=list(base.linear_shapes) if base is not None else None,
         )
         result.report["timings"]["write"] = time.perf_counter() - t0
-        _finish_folder(tmp, result.report, out)
-    final = Path(out).expanduser().resolve()
+        _finish_folder(tmp, result.report, claim.dest)
+    final = claim.dest
     result.path = final
     log.info("wrote merged adapter to %s (rank %s)", final, result.report["output"]["rank"])
     return final
@@ -471,12 +532,9 @@ def merge_utility_safety(
     allow_pickle = options.pop("allow_pickle", False)
     cache_dir = options.pop("cache_dir", None)
     merger = SSTMerger(base, allow_pickle=allow_pickle, cache_dir=cache_dir, **options)
-    if out is not None and stream:
-        return merger.merge_to(utility, safety, out, overwrite=overwrite)
-    result = merger.merge(utility, safety)
-    if out is not None:
-        save_merged_adapter(result, out, overwrite=overwrite)
-    return result
+    if out is None:
+        return merger.merge(utility, safety)
+    return merger.merge_to(utility, safety, out, overwrite=overwrite, stream=stream)
 
 
 __all__ = ["MergeResult", "SSTMerger", "merge_utility_safety", "save_merged_adapter", "summary_text"]

@@ -88,7 +88,7 @@ class _SubspaceMerge(MergeMethod):
 
     def plan_safety(self, safety: LoraAdapter, options: MergeOptions, context: dict[str, Any]) -> SafetyPlan:
         from ..fisher.point import flat_phi
-        from .subspace import project_safety
+        from .subspace import project_safety_from_cache
 
         zero = [m for m, lm in safety.modules.items() if float(lm.delta().abs().max()) == 0.0]
         if len(zero) == len(safety.modules):
@@ -97,10 +97,9 @@ class _SubspaceMerge(MergeMethod):
                 "there is nothing to project"
             )
         phi = flat_phi(safety)
-        run = context["fisher"]()  # computed or loaded from the cache
         estimator = self.estimator(options)
-        proj = project_safety(run, phi, k=options.k, scope=options.scope, estimator=estimator,
-                              eps=options.damping, clamp_k=options.clamp_k)
+        run, proj = project_safety_from_cache(context["fisher"], phi, k=options.k, scope=options.scope,  # cached
+                                              estimator=estimator, eps=options.damping, clamp_k=options.clamp_k)
         modules, kept = {}, {}
         for m, lm in safety.modules.items():
             sigma = self.strength(m, options)

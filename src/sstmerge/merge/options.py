@@ -13,9 +13,9 @@ from ..registry import did_you_mean
 
 
 class MergeOptions(BaseModel):
-    """How to merge (independent of which files are merged)."""
+    """How to merge (independent of which files are merged). NaN and ±Inf are rejected for every number."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     mode: str = Field("direct", description="merge method (see `sst-merge methods`): direct, residual, layerwise, fisher_mask, "
         "ties, dare_linear, dare_ties, magnitude, safe_lora, safemerge")
@@ -98,7 +98,8 @@ class MergeConfig(MergeOptions):
     utility: list[str] = Field(default_factory=list, description="utility adapter folder(s)")
     safety: str | None = Field(None, description="safety adapter folder")
     out: str | None = Field(None, description="output adapter folder (written atomically)")
-    overwrite: bool = Field(False, description="replace --out if it exists")
+    overwrite: bool = Field(False, description="replace --out if it is an earlier sstmerge output (never an input, "
+                            "the working directory or a folder sstmerge did not write)")
     allow_pickle: bool = Field(False, description="allow legacy pickled .pt/.bin adapters (read with weights_only=True)")
     cache_dir: str | None = Field(None, description="cache folder (converted models, Fisher statistics)")
     stream: bool = Field(

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import FisherError
-from ..fisher.run import FisherRun
+from ..errors import CacheCorruptError, FisherError
+from ..fisher.run import FisherRun, discard_damaged
 from ..linalg.eigen import diagonal_scores, safety_subspace_from_gram
 from ..linalg.projection import project_block, span_coefficients, topk_mask
 
@@ -23,6 +23,23 @@ class Projection:
     effective_k: dict[str, int] = field(default_factory=dict)
     damping: dict[str, float] = field(default_factory=dict)
     available_rank: dict[str, int] = field(default_factory=dict)
+
+
+def project_safety_from_cache(fisher, phi: dict[str, torch.Tensor], **kwargs) -> tuple[FisherRun, Projection]:
+    """``fisher()`` (compute or load the Fisher run), then :func:`project_safety`. The projection reads the
+    gradient store again (``Gᵀβ``); if that read finds damaged rows, they are discarded and the entry
+    recomputed once (``fisher()`` again) before projecting anew."""
+    for attempt in (1, 2):
+        run = fisher()
+        try:
+            return run, project_safety(run, phi, **kwargs)
+        except CacheCorruptError as exc:
+            if attempt == 2:
+                raise CacheCorruptError(f"{exc}. Delete the Fisher cache entry {run.folder} and run again") from None
+            log.warning("Fisher cache %s is damaged (%s): recomputing the damaged rows", run.folder, exc)
+            run.store.close()
+            discard_damaged(run.folder, exc, run.store.layout)
+    raise AssertionError("unreachable")
 
 
 def project_safety(

@@ -6,6 +6,7 @@ maps types to values; ``default`` covers types the table does not name.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import yaml
@@ -44,8 +45,13 @@ def module_type(name: str) -> str:
     return parts[-1]
 
 
-def load_table(spec: str, registry: Registry[dict[str, float]], *, lo: float | None = None, hi: float | None = None) -> dict[str, float]:
-    """A registered table by name, or a YAML file ``{type: value, ..., default: value}``."""
+def load_table(spec: str, registry: Registry[dict[str, float]], *, lo: float | None = None, hi: float | None = None,
+               known_types: set[str] | None = None) -> dict[str, float]:
+    """A registered table by name, or a YAML file ``{type: value, ..., default: value}``.
+
+    Values must be finite numbers (in ``[lo, hi]`` when given); with ``known_types`` (the module types of the
+    adapters being merged) a file key that names no such type is an error with a did-you-mean, so a typo
+    (``q_prj``) never silently falls back to ``default``."""
     if spec in registry:
         return dict(registry.get(spec))
     path = Path(spec).expanduser()
@@ -63,9 +69,16 @@ def load_table(spec: str, registry: Registry[dict[str, float]], *, lo: float | N
     for key, value in data.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ConfigError(f"{path}: value of {key!r} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: value of {key!r} must be a finite number, got {value!r}")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise ConfigError(f"{path}: value of {key!r} must lie in [{lo}, {hi}], got {value}")
-        table[str(key)] = float(value)
+        key = str(key)
+        if known_types is not None and key != "default" and key not in known_types:
+            raise ConfigError(
+                f"{path}: module type {key!r} is not in the adapters being merged.{did_you_mean(key, sorted(known_types))} "
+                f"Keys are the last part of a module name ({', '.join(sorted(known_types))}) or 'default'")
+        table[key] = float(value)
     return table
 
 

@@ -18,21 +18,23 @@ evaluate. Stages, all resumable (a finished piece is found on disk and reused):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import itertools
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
-from ..io.atomic import atomic_write_text
+from ..io.atomic import atomic_write_text, ensure_within
 from ..merge.options import format_validation_error
 from ..registry import did_you_mean
 from ..train.sft import TrainOptions
@@ -56,6 +58,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: names from a config become folder names under --out: simple names only (no '/', no '..', not hidden)
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,99}$")
+
+
+def _check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        raise ValueError(f"{what} {name!r} is not a simple name: use letters, digits and '.', '_', '+', '=', '-' "
+                         "(no '/', no '..', at most 100 characters); names become folder names under --out")
+    return name
+
+
 class AdapterRecipe(_Strict):
     """One adapter to train: data files (concatenated) and LoRA training options."""
 
@@ -70,6 +83,11 @@ class GridEntry(_Strict):
 
     name: str
     mode: str
+
+    @field_validator("name")
+    @classmethod
+    def _simple_name(cls, v: str) -> str:
+        return _check_name(v, "grid entry name")
     variants: list[str] | None = Field(None, description="variant names; default: every variant")
     options: dict[str, Any] = Field(default_factory=dict, description="MergeOptions fields")
     sweep: dict[str, list[Any]] = Field(default_factory=dict, description="MergeOptions field -> values")
@@ -109,6 +127,10 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _names_exist(self) -> ExperimentConfig:
+        for name in self.adapters:
+            _check_name(name, "adapter name")
+        for name in self.variants:
+            _check_name(name, "variant name")
         names = list(self.adapters)
         if self.safety not in self.adapters:
             raise ValueError(f"safety adapter {self.safety!r} is not among adapters.{did_you_mean(self.safety, names)}")
@@ -208,9 +230,10 @@ def _train_adapters(cfg: ExperimentConfig, out: Path, timings: dict) -> dict[str
     folders: dict[str, Path] = {}
     model = None
     for name, recipe in cfg.adapters.items():
-        folder = out / "adapters" / f"{name}-{_short_hash([cfg.base, recipe.model_dump(mode='json')])}"
+        folder = ensure_within(out / "adapters" / f"{name}-{_short_hash([cfg.base, recipe.model_dump(mode='json')])}",
+                               out, f"adapter {name!r}")
         folders[name] = folder
-        if (folder / "train_report.json").is_file():
+        if _reusable(folder, "train_report.json"):
             log.info("adapter %s: reusing %s", name, folder)
             continue
         if model is None:
@@ -218,7 +241,7 @@ def _train_adapters(cfg: ExperimentConfig, out: Path, timings: dict) -> dict[str
         log.info("adapter %s: training on %s (%d steps)", name, recipe.data, recipe.train.steps)
         t0 = time.perf_counter()
         train_from_files(cfg.base, recipe.data, folder, recipe.train, max_samples=recipe.max_samples,
-                         cache_dir=cfg.cache_dir, model_and_tokenizer=model)
+                         cache_dir=cfg.cache_dir, model_and_tokenizer=model, overwrite=folder.exists())
         timings[f"train:{name}"] = time.perf_counter() - t0
     return folders
 
@@ -229,10 +252,33 @@ def _benign_data_file(cfg: ExperimentConfig, variant: str, out: Path) -> str:
 
     parts = [resolve_data(spec) for u in cfg.variants[variant] for spec in cfg.adapters[u].data]
     text = "".join(p.read_text(encoding="utf-8").rstrip("\n") + "\n" for p in parts)
-    path = out / "data" / f"benign-{variant}-{hashlib.sha256(text.encode()).hexdigest()[:8]}.jsonl"
-    if not path.is_file():
+    path = ensure_within(out / "data" / f"benign-{variant}-{hashlib.sha256(text.encode()).hexdigest()[:8]}.jsonl",
+                         out, f"variant {variant!r}")
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:  # missing or damaged: (re)write
         atomic_write_text(path, text)
     return str(path)
+
+
+def _reusable(folder: Path, report_name: str) -> bool:
+    """A finished stage folder to reuse: its report is there and the adapter files match the SHA-256 the report
+    recorded (merges) / the adapter reads back (trained adapters). A damaged one is reported and redone."""
+    from ..io.adapter import read_adapter
+    from ..io.hashing import sha256_file
+
+    report_file = folder / report_name
+    if not report_file.is_file():
+        return False
+    try:
+        report = json.loads(report_file.read_text())
+        recorded = (report.get("output") or {}).get("sha256") or {}
+        for name, digest in recorded.items():
+            if sha256_file(folder / name) != digest:
+                raise ValueError(f"{name} differs from the SHA-256 in {report_name}")
+        read_adapter(folder, lazy=True)  # config + header checks
+        return True
+    except Exception as exc:  # any damage: redo this stage (the folder is sstmerge's own, so it may be replaced)
+        log.warning("%s is damaged (%s): computing it again", folder, exc)
+        return False
 
 
 def _merge_all(cfg: ExperimentConfig, experiments: list[Experiment], adapters: dict[str, Path], out: Path,
@@ -246,13 +292,15 @@ def _merge_all(cfg: ExperimentConfig, experiments: list[Experiment], adapters: d
         opts.setdefault("benign_data", benign[exp.variant])
         utility = [str(adapters[u]) for u in cfg.variants[exp.variant]]
         inputs = [utility, str(adapters[cfg.safety]), opts, cfg.base]
-        folder = out / "merges" / f"{exp.name.replace('/', '__')}-{_short_hash(inputs)}"
+        folder = ensure_within(out / "merges" / f"{exp.name.replace('/', '__')}-{_short_hash(inputs)}", out,
+                               f"merge {exp.name!r}")
         folders[exp.name] = folder
-        if (folder / "merge_report.json").is_file():
+        if _reusable(folder, "merge_report.json"):
             continue
         log.info("[%d/%d] merging %s", i, len(experiments), exp.name)
         t0 = time.perf_counter()
-        merge_utility_safety(cfg.base, utility, str(adapters[cfg.safety]), folder, cache_dir=cfg.cache_dir, **opts)
+        merge_utility_safety(cfg.base, utility, str(adapters[cfg.safety]), folder, cache_dir=cfg.cache_dir,
+                             overwrite=folder.exists(), **opts)
         timings[f"merge:{exp.name}"] = time.perf_counter() - t0
     return folders
 
@@ -313,10 +361,63 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def run_experiments(cfg: ExperimentConfig, out: str | Path, *, config_source: str = "") -> dict[str, Any]:
     """Run (or resume) the whole grid into ``out``; returns the results dict also written to results.json."""
+    with claim_run_folder(out, _config_inputs(cfg)) as out:
+        return _run_experiments(cfg, out, config_source)
+
+
+def _config_inputs(cfg: ExperimentConfig) -> list[Path]:
+    """Files and folders the grid reads (its --out may never be or hold one)."""
+    from ..data.jsonl import BUNDLED_PREFIX, resolve_data
+    from ..io.models import default_cache_dir
+
+    paths = [Path(cfg.base), Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()]
+    for recipe in cfg.adapters.values():
+        paths += [resolve_data(d) for d in recipe.data if not d.startswith(BUNDLED_PREFIX)]
+    return paths
+
+
+RUN_MARKER = {"kind": "experiments"}
+
+
+@contextlib.contextmanager
+def claim_run_folder(out: str | Path, inputs: list[Path]):
+    """Claim an experiment folder for this run: new, empty, or one an earlier grid wrote (its marker, or
+    results.json / adapters / merges from before the marker); never the current directory, a folder holding
+    it, or one holding an input. Locked for the whole run: a second grid on the same folder fails at once."""
+    from ..errors import UnsafeOutputError
+    from ..io.atomic import MARKER_NAME, check_location, lock_path
+    from ..io.locking import PathLock
+
+    out_path = check_location(out, inputs=inputs)
+    if out_path.exists():
+        entries = [p.name for p in out_path.iterdir()] if out_path.is_dir() else None
+        if entries is None:
+            raise UnsafeOutputError(f"--out {out}: {out_path} is a file, not an experiment folder")
+        marker = out_path / MARKER_NAME
+        ours = (marker.is_file() and _read_json(marker).get("kind") == RUN_MARKER["kind"]) or \
+            any(n in entries for n in ("results.json", "adapters", "merges"))
+        if entries and not ours:
+            raise UnsafeOutputError(
+                f"--out {out}: {out_path} exists and is not an experiment folder written by sstmerge (no {MARKER_NAME}); "
+                "choose a new or empty folder")
+    out_path.mkdir(parents=True, exist_ok=True)
+    with PathLock(lock_path(out_path), what=f"experiment folder {out_path}", timeout=0):
+        if not (out_path / MARKER_NAME).is_file():
+            atomic_write_text(out_path / MARKER_NAME, json.dumps(RUN_MARKER) + "\n")
+        yield out_path
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _run_experiments(cfg: ExperimentConfig, out: Path, config_source: str) -> dict[str, Any]:
     from ..merge.report import now_iso, versions
 
-    out = Path(out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
     experiments = expand_grid(cfg)

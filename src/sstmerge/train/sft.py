@@ -39,7 +39,7 @@ DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 class TrainOptions(BaseModel):
     """Options of :func:`train_lora` (unknown keys are rejected)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     r: int = Field(8, gt=0, description="LoRA rank")
     lora_alpha: float = Field(16, gt=0, description="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)")
@@ -75,6 +75,7 @@ def train_lora(
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
     provenance: dict | None = None,
+    inputs: list | None = None,
 ) -> Path:
     """Train a LoRA adapter on ``examples`` and save it (PEFT format) to ``out_dir``.
 
@@ -87,14 +88,19 @@ def train_lora(
     ``adapter_model.safetensors`` and ``train_report.json`` or does not exist. ``base_model_name_or_path``,
     when given, is recorded in ``adapter_config.json``.
 
+    ``inputs``: paths the run reads (data files, base folder), which ``out_dir`` may never be or hold; with
+    ``overwrite`` only an earlier sstmerge output is replaced (:class:`~sstmerge.io.atomic.OutputClaim`).
+
     Raises :class:`DataError` if ``examples`` is empty, :class:`OutputExistsError` if ``out_dir`` exists
-    and not ``overwrite``, :class:`ModelError` if the model cannot take the LoRA layers or the loss
+    and not ``overwrite``, :class:`UnsafeOutputError` if it may not be written, :class:`ModelError` if the model cannot take the LoRA layers or the loss
     becomes non-finite.
     """
     import peft
     import transformers
     from peft import LoraConfig, PeftModel, get_peft_model
     from tqdm.auto import tqdm
+
+    from ..io.hashing import sha256_file
 
     if not isinstance(options, TrainOptions):
         options = TrainOptions.model_validate(options)
@@ -126,7 +132,8 @@ def train_lora(
         task_type="CAUSAL_LM",
     )
 
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp, torch.random.fork_rng(devices=[]):
+    with atomic_output_dir(out_dir, overwrite=overwrite, inputs=inputs or [], kind="train") as tmp, \
+            torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
         try:
             peft_model = get_peft_model(model, lora_config)
@@ -154,6 +161,7 @@ def train_lora(
                 "seconds": round(seconds, 3),
                 "base_model_name_or_path": base_model_name_or_path,
                 **(provenance or {}),
+                "output": {"sha256": {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}},
                 "versions": {
                     "torch": torch.__version__,
                     "transformers": transformers.__version__,
@@ -245,8 +253,13 @@ def train_from_files(
     from ..io.hashing import sha256_file
     from ..io.models import load_causal_lm, resolve_base
 
+    from ..io.atomic import check_output_target
+    from ..io.models import default_cache_dir
+
     if not data:
         raise DataError("no training data: pass --data FILE.jsonl (repeatable; 'bundled:NAME' for bundled files)")
+    inputs = [resolve_data(spec) for spec in data] + [base, cache_dir or default_cache_dir()]
+    check_output_target(out_dir, overwrite=overwrite, inputs=inputs)  # before the model loads
     examples, sources = [], []
     for spec in data:
         path = resolve_data(spec)
@@ -258,4 +271,4 @@ def train_from_files(
     model, tokenizer = model_and_tokenizer
     base_name = str(base) if str(base) == "smollm2" else str(resolve_base(base, cache_dir))
     return train_lora(model, tokenizer, examples, out_dir, options, base_model_name_or_path=base_name,
-                      overwrite=overwrite, provenance={"data": sources, "base": str(base)})
+                      overwrite=overwrite, provenance={"data": sources, "base": str(base)}, inputs=inputs)
