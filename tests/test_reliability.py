@@ -342,6 +342,18 @@ def test_hostile_pickled_base_is_an_error_line(proj, tmp_path):
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "m").exists()
 
 
+def test_a_base_without_tokenizer_is_an_error_line(proj, tmp_path):
+    from sstmerge.io.models import build_tiny_llama
+
+    base = build_tiny_llama(tmp_path / "notok", with_tokenizer=False)
+    res = cli_run(["-q", "train", "--base", base, "--data", "bundled:benign_train", "--out", tmp_path / "a",
+                   "--steps", "1"])
+    assert res.exit_code == 2 and "tokenizer" in res.stderr and not (tmp_path / "a").exists()
+    res = cli_run(["-q", "merge", "--base", base, "--utility", proj / "U", "--safety", proj / "S", "--mode", "residual",
+                   "--max-samples", "2", "--out", tmp_path / "m", "--cache-dir", tmp_path / "c"])
+    assert res.exit_code == 2 and "tokenizer" in res.stderr and not (tmp_path / "m").exists()
+
+
 # ------------------------------------------------------------------------------------ evaluation settings
 @pytest.mark.parametrize("flag, value", [("--limit", "0"), ("--limit", "-1"), ("--batch-size", "0"),
                                          ("--max-new-tokens", "0"), ("--shots", "-1"), ("--templates-per-prompt", "0")])

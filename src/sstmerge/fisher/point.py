@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from ..errors import AdapterMismatchError
 from ..io.adapter import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, adapter_state_dict
-from ..io.models import BaseModelInfo, load_causal_lm
+from ..io.models import BaseModelInfo, load_causal_lm, require_tokenizer
 from .gradients import LoraLayer
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ def load_fisher_point(
     from peft import PeftModel
 
     model, tokenizer = load_causal_lm(base.spec, cache_dir, dtype=getattr(torch, dtype))
+    require_tokenizer(tokenizer, base.spec, "the Fisher pass")
     apply_utility(model, utility, coefficients, base)
     with tempfile.TemporaryDirectory(prefix="sstmerge-safety-") as tmp:
         config = dict(safety.config)

@@ -119,11 +119,9 @@ def discard_damaged(folder: Path, exc: CacheCorruptError, layout: list[tuple[str
     are recomputed), and the statistics and meta are removed (recomputed from the store)."""
     folder = Path(folder)
     if exc.rows and layout is not None:
-        store_meta = folder / "store.json"
         try:
-            n_rows = json.loads(store_meta.read_text())["n_rows"]
-            n_harm = json.loads(store_meta.read_text())["n_harm"]
-            store = GradientStore.open(folder, n_rows, n_harm, layout, create=False)
+            described = json.loads((folder / "store.json").read_text())
+            store = GradientStore.open(folder, described["n_rows"], described["n_harm"], layout, create=False)
             store.forget_rows(exc.rows)
             store.close()
         except (CacheCorruptError, OSError, ValueError, KeyError):
@@ -207,8 +205,17 @@ def compute_fisher(
 def _compute_or_load(base, utility, coefficients, safety, settings: FisherSettings, key: str, folder: Path, layout,
                      dist: Dist, t0: float) -> FisherRun:
     stats_dir = folder / "stats"
-    cached = _load_cached(folder, layout) if dist.is_main else None
-    if dist.all_reduce_max(int(cached is not None)):  # rank 0 decides for everyone
+    cached, damaged = None, None
+    if dist.is_main:
+        try:
+            cached = _load_cached(folder, layout)
+        except CacheCorruptError as exc:
+            damaged = exc
+    # rank 0 decides for everyone (0: compute, 1: reuse, 2: damaged), so no rank waits alone in a collective
+    status = dist.all_reduce_max(2 if damaged is not None else int(cached is not None))
+    if status == 2:
+        raise damaged or CacheCorruptError(f"{folder}: damaged (reported by rank 0)")
+    if status == 1:
         if cached is None:
             cached = _load_cached(folder, layout)
         cached.meta.update(cache_hit=True, load_seconds=time.perf_counter() - t0)

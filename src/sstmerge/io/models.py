@@ -223,6 +223,15 @@ def load_causal_lm(
     return model, tokenizer
 
 
+def require_tokenizer(tokenizer, base: str | Path, what: str):
+    """``tokenizer``, or a :class:`ModelError` saying that ``what`` needs the base folder's tokenizer."""
+    if tokenizer is None:
+        raise ModelError(
+            f"{what} needs the model's tokenizer and chat template, but base {base} has no loadable tokenizer files "
+            "(tokenizer.json / tokenizer_config.json); save them there with tokenizer.save_pretrained(folder)")
+    return tokenizer
+
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
     " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

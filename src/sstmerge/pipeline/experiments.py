@@ -366,11 +366,11 @@ def run_experiments(cfg: ExperimentConfig, out: str | Path, *, config_source: st
 
 
 def _config_inputs(cfg: ExperimentConfig) -> list[Path]:
-    """Files and folders the grid reads (its --out may never be or hold one)."""
+    """Files and folders the grid reads (its --out may never be or hold one). The cache is not among them: a
+    grid only adds to its folder, so keeping the cache inside it (``--cache-dir OUT/cache``) is fine."""
     from ..data.jsonl import BUNDLED_PREFIX, resolve_data
-    from ..io.models import default_cache_dir
 
-    paths = [Path(cfg.base), Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()]
+    paths = [Path(cfg.base)]
     for recipe in cfg.adapters.values():
         paths += [resolve_data(d) for d in recipe.data if not d.startswith(BUNDLED_PREFIX)]
     return paths

@@ -100,6 +100,7 @@ def train_lora(
     from peft import LoraConfig, PeftModel, get_peft_model
     from tqdm.auto import tqdm
 
+    from ..io.adapter import read_adapter
     from ..io.hashing import sha256_file
 
     if not isinstance(options, TrainOptions):
@@ -150,6 +151,7 @@ def train_lora(
             # save_embedding_layers=False: we never resize the vocabulary, and "auto" would query the Hub
             # for base_model_name_or_path's config.json (slow / failing offline).
             peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
+            read_adapter(tmp)  # the written adapter reads back, every tensor finite (NonFiniteError otherwise)
             k = min(5, max(1, len(losses) // 2))  # first/last 5 steps; windows never overlap for < 10 steps
             report = {
                 "options": options.model_dump(mode="json"),
@@ -251,7 +253,7 @@ def train_from_files(
     """
     from ..data.jsonl import load_examples, resolve_data
     from ..io.hashing import sha256_file
-    from ..io.models import load_causal_lm, resolve_base
+    from ..io.models import load_causal_lm, require_tokenizer, resolve_base
 
     from ..io.atomic import check_output_target
     from ..io.models import default_cache_dir
@@ -269,6 +271,7 @@ def train_from_files(
     if model_and_tokenizer is None:
         model_and_tokenizer = load_causal_lm(base, cache_dir)
     model, tokenizer = model_and_tokenizer
+    require_tokenizer(tokenizer, base, "training")
     base_name = str(base) if str(base) == "smollm2" else str(resolve_base(base, cache_dir))
     return train_lora(model, tokenizer, examples, out_dir, options, base_model_name_or_path=base_name,
                       overwrite=overwrite, provenance={"data": sources, "base": str(base)}, inputs=inputs)
