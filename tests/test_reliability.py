@@ -181,6 +181,24 @@ def test_concurrent_claims_of_one_output_fail_fast(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_concurrent_grids_and_eval_results_fail_fast(tmp_path):
+    from sstmerge.io.atomic import atomic_output_file, lock_path
+    from sstmerge.io.locking import PathLock
+    from sstmerge.pipeline.experiments import claim_run_folder
+
+    with claim_run_folder(tmp_path / "grid", []):
+        with pytest.raises(OutputBusyError):
+            with claim_run_folder(tmp_path / "grid", []):
+                pass
+    with claim_run_folder(tmp_path / "grid", []):  # reusable once released
+        pass
+    dest = tmp_path / "r.json"
+    with PathLock(lock_path(dest)):
+        with pytest.raises(OutputBusyError):
+            atomic_output_file(dest, "{}")
+    assert not dest.exists()
+
+
 def test_stale_temp_folders_of_killed_runs_are_removed_on_the_next_claim(proj, tmp_path):
     stale = tmp_path / ".tmp-merged-sstmerge-abcd1234"
     stale.mkdir()
@@ -361,6 +379,18 @@ def test_eval_rejects_settings_that_would_give_wrong_answers(proj, tmp_path, fla
     res = cli_run(["-q", "eval", "--base", proj / "base", "--suite", "jailbreak", flag, value, "--out", tmp_path / "r.json"])
     assert res.exit_code == 2 and res.stderr.startswith("error: ") and "whole number" in res.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_eval_refuses_more_shots_than_exemplars(proj, tmp_path):
+    res = cli_run(["-q", "eval", "--base", proj / "base", "--suite", "mcq", "--shots", "50", "--out", tmp_path / "r.json"])
+    assert res.exit_code == 2 and "exemplars" in res.stderr and not (tmp_path / "r.json").exists()
+
+
+def test_a_damping_too_small_for_float64_is_an_error_line(proj, tmp_path):
+    res = cli_run(["-q", "merge", "--base", proj / "base", "--utility", proj / "U", "--safety", proj / "S",
+                   "--mode", "residual", "--max-samples", "2", "--damping", "1e-300", "--out", tmp_path / "m",
+                   "--cache-dir", tmp_path / "c"])
+    assert res.exit_code == 2 and "larger --damping" in res.stderr and not (tmp_path / "m").exists()
 
 
 def test_eval_checks_the_adapter_against_the_base(proj, tmp_path):

@@ -67,6 +67,9 @@ def _load_suite_data(suite: str, data: str | None, templates: str | None, settin
         if settings.shots:
             dev_path = eval_data.resolve_eval_data("bundled:mcq_dev")
             dev = eval_data.load_mcq_dev(dev_path)
+            if settings.shots > len(dev):
+                raise ConfigError(f"--shots {settings.shots}: the few-shot set {dev_path} has only {len(dev)} "
+                                  f"exemplars; use --shots {len(dev)} or fewer")
             digest["dev"] = {"source": "bundled:mcq_dev", "sha256": _digest_path(dev_path)}
         return (eval_data.load_mcq(path), dev), digest
     if suite == "qa":

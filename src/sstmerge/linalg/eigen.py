@@ -112,7 +112,11 @@ def safety_subspace_from_gram(
     delta = damping_from_gram(K, n_harm, dim, eps)
     if delta <= 0:
         raise FisherError(f"{where}: the benign Fisher is zero (all benign gradients vanish); damping undefined")
-    evals, C = scipy.linalg.eigh(M_h, M_b + delta * np.eye(len(lam)))  # ascending, C is (M_b+δI)-orthonormal
+    try:
+        evals, C = scipy.linalg.eigh(M_h, M_b + delta * np.eye(len(lam)))  # ascending, C is (M_b+δI)-orthonormal
+    except np.linalg.LinAlgError as exc:  # δ too small for float64 next to M_b: not positive definite in practice
+        raise FisherError(f"{where}: F_benign + δI is numerically singular with δ = {delta:.3g} (damping eps = {eps:g}); "
+                          f"use a larger --damping (e.g. 1e-6 or the default 1e-3) [{exc}]") from None
     order = np.argsort(evals)[::-1]
     evals, C = evals[order], C[:, order]
     pos_tol = 1e-12 * max(float(evals.max(initial=0.0)), 1e-300)
