@@ -233,8 +233,9 @@ def test_safety_direction_modes_match_a_hand_computation(tiny_base, tmp_path, tr
     ordered = sorted(x for v in sims.values() for x in v if x is not None)
     tau = (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2  # between two values: no ties at τ
     out = tmp_path / "merged"
-    result = merge_utility_safety(tiny_base, [u1, u2], s, out, mode=mode, similarity_threshold=tau,
-                                  safety_weight=w, utility_weights=[1.0, 0.5], safemerge_alpha=alpha)
+    result = merge_utility_safety(tiny_base, [u1, u2], s, out, mode=mode, similarity_threshold=tau, stream=False,
+                                  safety_weight=w, utility_weights=[1.0, 0.5],
+                                  **({"safemerge_alpha": alpha} if mode == "safemerge" else {}))
     W0, W = base_weights(tiny_base), peft_weights(tiny_base, out)
     n_changed = 0
     for module, lm in safety.modules.items():
@@ -265,7 +266,7 @@ def test_fisher_mask_is_the_residual_mode_with_the_diagonal_estimator(tiny_base,
     u = adapter_factory(targets=("q_proj", "v_proj"))
     s = adapter_factory(targets=("q_proj", "v_proj", "up_proj"))
     common = dict(k=40, residual_ratio=0.25, max_samples=4, cache_dir=tmp_path / "cache")
-    mask = merge_utility_safety(tiny_base, [u], s, tmp_path / "mask", mode="fisher_mask", fisher="empirical", **common)
+    mask = merge_utility_safety(tiny_base, [u], s, tmp_path / "mask", mode="fisher_mask", **common)
     ref = merge_utility_safety(tiny_base, [u], s, tmp_path / "ref", mode="residual", fisher="diagonal", **common)
     m = mask.report["method"]
     assert m["name"] == "fisher_mask" and m["estimator"] == "diagonal" and m["residual_ratio"] == 0.25
@@ -300,21 +301,24 @@ def test_cli_ties_writes_adapter_and_report(tiny_base, tmp_path, adapter_factory
 
 def test_methods_command_lists_the_baselines():
     res = run(["methods"])
-    lines = {line.split()[0]: line for line in res.stdout.splitlines()}
+    lines = {line.split()[0]: line for line in res.stdout.splitlines() if line.strip()}
     for name in ("ties", "dare_linear", "dare_ties", "magnitude", "safe_lora", "safemerge", "fisher_mask"):
         assert len(lines[name].split()) > 3, lines[name]
+    # each method's own parameters are listed under it
+    assert "--density" in res.stdout and "--safemerge-alpha" in res.stdout and "--residual-ratio" in res.stdout
 
 
-@pytest.mark.parametrize("key,value", [("density", "0"), ("density", "1.5"), ("safemerge-alpha", "2"),
-                                       ("similarity-threshold", "-0.1")])
-def test_out_of_range_options_are_rejected(tiny_base, tmp_path, adapter_factory, key, value):
+@pytest.mark.parametrize("mode,key,value", [("ties", "density", "0"), ("magnitude", "density", "1.5"),
+                                            ("safemerge", "safemerge-alpha", "2"),
+                                            ("safe_lora", "similarity-threshold", "-0.1")])
+def test_out_of_range_options_are_rejected(tiny_base, tmp_path, adapter_factory, mode, key, value):
     out = tmp_path / "merged"
-    res = run(["merge", "--base", tiny_base, "--utility", adapter_factory(), "--mode", "ties", f"--{key}", value,
+    res = run(["merge", "--base", tiny_base, "--utility", adapter_factory(), "--mode", mode, f"--{key}", value,
                "--out", out])
     assert res.exit_code == 2 and key.replace("-", "_") in res.stderr, res.stderr
     assert_nothing_written(out)
     with pytest.raises(ConfigError, match=key.replace("-", "_")):
-        merge_utility_safety(tiny_base, [], None, None, **{key.replace("-", "_"): float(value)})
+        merge_utility_safety(tiny_base, [], None, None, mode=mode, **{key.replace("-", "_"): float(value)})
 
 
 @pytest.mark.parametrize("mode", ["safe_lora", "safemerge", "fisher_mask"])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from sstmerge.data.fictional import generate_fictional_qa
 from sstmerge.data.jsonl import bundled_path, load_examples
 from sstmerge.errors import DataError
 from sstmerge.eval.data import (
@@ -16,7 +17,6 @@ from sstmerge.eval.data import (
     PromptItem,
     QAItem,
     Template,
-    generate_fictional_qa,
     load_mcq,
     load_mcq_dev,
     load_prompts,

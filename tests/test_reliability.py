@@ -84,7 +84,8 @@ def test_merge_never_replaces_an_input_or_the_working_directory(proj, out):
     before = snapshot(proj)
     cwd = proj / "U"  # "." and ".." are relative to a folder inside the project
     res = cli_run(["-q", "merge", "--base", proj / "base", "--utility", proj / "U", "--safety", proj / "S",
-                   "--benign-data", proj / "benign.jsonl", "--out", out.format(root=proj), "--overwrite"], cwd=cwd)
+                   "--mode", "residual", "--benign-data", proj / "benign.jsonl", "--out", out.format(root=proj),
+                   "--overwrite"], cwd=cwd)
     assert res.exit_code == 2, res.output
     assert res.stderr.startswith("error: ") and ("input of this run" in res.stderr or "current directory" in res.stderr)
     assert snapshot(proj) == before
@@ -228,12 +229,14 @@ def test_sigterm_removes_the_temp_folder(tmp_path):
 BAD_NUMBERS = ["nan", "inf", "-inf"]
 
 
-@pytest.mark.parametrize("flag", ["--safety-weight", "--utility-weights", "--residual-ratio", "--damping",
-                                  "--density", "--similarity-threshold", "--safemerge-alpha"])
+@pytest.mark.parametrize("mode, flag", [("direct", "--safety-weight"), ("direct", "--utility-weights"),
+                                        ("residual", "--residual-ratio"), ("residual", "--damping"),
+                                        ("ties", "--density"), ("safe_lora", "--similarity-threshold"),
+                                        ("safemerge", "--safemerge-alpha")])
 @pytest.mark.parametrize("value", BAD_NUMBERS)
-def test_non_finite_options_are_rejected_at_parse_time(proj, tmp_path, flag, value):
+def test_non_finite_options_are_rejected_at_parse_time(proj, tmp_path, mode, flag, value):
     res = cli_run(["-q", "merge", "--base", proj / "base", "--utility", proj / "U", "--safety", proj / "S",
-                   flag, value, "--out", tmp_path / "m"])
+                   "--mode", mode, flag, value, "--out", tmp_path / "m"])
     assert res.exit_code == 2 and "finite number" in res.stderr, res.stderr
     assert not (tmp_path / "m").exists()
 
@@ -533,7 +536,7 @@ def test_base_weights_in_pickle_files_are_part_of_the_cache_key(proj, tmp_path):
 
 
 def test_grid_reuses_stage_folders_only_when_intact(proj, tmp_path, caplog):
-    from sstmerge.pipeline.experiments import _reusable
+    from sstmerge.pipeline.stages import reusable_stage as _reusable
 
     out = tmp_path / "m"
     merge_utility_safety(proj / "base", [proj / "U"], proj / "S", out)

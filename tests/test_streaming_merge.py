@@ -236,9 +236,9 @@ def test_streaming_reads_each_input_module_once_and_validation_reads_nothing(tin
     original = merger._prepare
 
     def prepare(*args, **kwargs):
-        inp = original(*args, **kwargs)
-        assert reads == [] and all(a.lazy for a in inp.utility + [inp.safety])
-        return inp
+        prep = original(*args, **kwargs)
+        assert reads == [] and all(a.lazy for a in [*prep.inputs.utility, prep.inputs.safety])
+        return prep
 
     merger._prepare = prepare
     merger.merge_to([u1, u2], s, tmp_path / "out")

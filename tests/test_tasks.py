@@ -13,7 +13,8 @@ from sstmerge.data.jsonl import BUNDLED_DIR, bundled_path, load_examples
 from sstmerge.data.make_bundled import generated_files
 from sstmerge.data.tasks import extract_final_number, generate_arithmetic
 from sstmerge.errors import DataError
-from sstmerge.eval.data import generate_fictional_qa, load_arithmetic
+from sstmerge.data.fictional import generate_fictional_qa
+from sstmerge.eval.data import load_arithmetic
 
 
 def test_bundled_generated_files_are_reproducible():

@@ -216,7 +216,7 @@ def test_crash_while_writing_leaves_nothing(tiny_base, tmp_path, good, monkeypat
     monkeypatch.setattr(adapter_io, "save_file", boom)
     out = tmp_path / "merged"
     with pytest.raises(KeyboardInterrupt):
-        merge_utility_safety(tiny_base, [good], good, out)
+        merge_utility_safety(tiny_base, [good], good, out, stream=False)  # the in-memory writer
     assert_nothing_written(out)
 
 

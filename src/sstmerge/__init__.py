@@ -25,7 +25,8 @@ from .errors import (
 from .io.adapter import LoraAdapter, LoraModule, read_adapter, write_adapter
 from .io.models import build_tiny_llama, load_base_info, resolve_base
 from .merge.merger import MergeResult, SSTMerger, merge_utility_safety, save_merged_adapter
-from .merge.options import MergeConfig, MergeOptions
+from .merge.method import DenseMethod, MergeMethod, TaskArithmeticMethod, register_method
+from .merge.options import MergeConfig, MergeOptions, MethodParams
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,6 @@ __all__ = [
     "LoraAdapter", "LoraModule", "MergeConfig", "MergeOptions", "MergeResult", "ModelError", "NonFiniteError",
     "OutputBusyError", "OutputExistsError", "PickleRefusedError", "SSTMergeError", "SSTMerger",
     "UnsafeOutputError", "UnsupportedAdapterError",
-    "build_tiny_llama", "load_base_info", "merge_utility_safety", "read_adapter", "resolve_base",
+    "DenseMethod", "MergeMethod", "MethodParams", "TaskArithmeticMethod", "register_method", "build_tiny_llama", "load_base_info", "merge_utility_safety", "read_adapter", "resolve_base",
     "save_merged_adapter", "write_adapter",
 ]

@@ -30,6 +30,10 @@ class Registry(Generic[T]):
         self._items[name] = item
         return item
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (tests that register a temporary item)."""
+        self._items.pop(name, None)
+
     def get(self, name: str) -> T:
         if name not in self._items:
             raise ConfigError(
@@ -40,6 +44,10 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+    def in_order(self) -> list[str]:
+        """Names in registration order (e.g. the order of a results table's columns)."""
+        return list(self._items)
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

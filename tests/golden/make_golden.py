@@ -66,7 +66,8 @@ def merge_all(inputs: Path, outputs: Path, cache: Path) -> None:
         shutil.rmtree(outputs)
     outputs.mkdir(parents=True)
     for method, extra in METHOD_OPTIONS.items():
-        options = {"mode": method, **FISHER, **extra}
+        fisher = FISHER if method in ("residual", "layerwise", "fisher_mask") else {}  # the Fisher methods only
+        options = {"mode": method, **fisher, **extra}
         tmp = cache / "out" / method
         merge_utility_safety(inputs / "base", [inputs / "U1", inputs / "U2"], inputs / "S", tmp, cache_dir=cache,
                              stream=True, **options)

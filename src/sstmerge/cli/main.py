@@ -61,16 +61,7 @@ def _click_type(annotation):
 def options_from_model(model) -> list[click.Option]:
     """One click option per pydantic field; defaults are ``None`` so only flags given on the command line
     override the YAML config (precedence: CLI > --config file > field default)."""
-    opts = []
-    for name, field in model.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = f"{field.description or ''} [default: {field.get_default(call_default_factory=True)!r}]"
-        if field.annotation is bool:
-            opts.append(click.Option([f"{flag}/--no-{name.replace('_', '-')}", name], default=None, help=help_text))
-            continue
-        ctype, multiple = _click_type(field.annotation)
-        opts.append(click.Option([flag, name], type=ctype, multiple=multiple, default=None, help=help_text))
-    return opts
+    return _options_from_fields([(k, f, "") for k, f in model.model_fields.items()])
 
 
 def _fail(message: str) -> typing.NoReturn:
@@ -112,6 +103,14 @@ class _Group(click.Group):
     """The ``sst-merge`` group: one error handler for every command (``error: ...`` and exit 2 for expected
     failures, exit 130 on Ctrl-C, 128 + N on SIGTERM/SIGHUP after clean-up)."""
 
+    def get_command(self, ctx: click.Context, name: str):
+        if name in _LAZY_COMMANDS:  # built now, so it sees every registered method's parameters
+            return _LAZY_COMMANDS[name]()
+        return super().get_command(ctx, name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(_LAZY_COMMANDS))
+
     def invoke(self, ctx: click.Context):
         from ..io.atomic import Terminated
 
@@ -140,12 +139,46 @@ def cli(quiet: bool, verbose: int) -> None:
     setup_logging(verbose, quiet)
 
 
+def _flag_fields() -> list[tuple[str, typing.Any, str]]:
+    """``(key, pydantic field, help prefix)`` of every merge flag: inputs/outputs, common options, the Fisher
+    settings (flat names) and the union of every registered method's parameters (help names the methods)."""
+    from ..fisher.run import FisherSettings
+    from ..merge.config import param_owners
+    from ..merge.method import all_methods
+    from ..merge.options import FISHER_KEYS, CommonOptions, MergeIO
+
+    out = [(k, f, "") for k, f in MergeIO.model_fields.items()]
+    out += [(k, f, "") for k, f in CommonOptions.model_fields.items()]
+    fisher_methods = ", ".join(n for n, c in all_methods().items() if c.needs_fisher)
+    out += [(flat, FisherSettings.model_fields[field], f"[Fisher pass: {fisher_methods}] ")
+            for flat, field in FISHER_KEYS.items()]
+    methods = all_methods()
+    for key, owners in sorted(param_owners().items()):
+        field = methods[owners[0]].Params.model_fields[key]
+        out.append((key, field, f"[{', '.join(sorted(owners))}] "))
+    return out
+
+
+def _options_from_fields(fields) -> list[click.Option]:
+    """Click options from ``(key, pydantic field, help prefix)``; every default is None (unset)."""
+    opts = []
+    for name, field, prefix in fields:
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{prefix}{field.description or ''} [default: {field.get_default(call_default_factory=True)!r}]"
+        if field.annotation is bool:
+            opts.append(click.Option([f"{flag}/--no-{name.replace('_', '-')}", name], default=None, help=help_text))
+            continue
+        ctype, multiple = _click_type(field.annotation)
+        opts.append(click.Option([flag, name], type=ctype, multiple=multiple, default=None, help=help_text))
+    return opts
+
+
 def _merge_command() -> click.Command:
-    from ..merge.options import MergeConfig
+    """Built when invoked (not at import), so methods registered by plugins or tests get their flags too."""
 
     def run(config: str | None, **flags) -> None:
+        from ..merge.config import build_config, load_config_file
         from ..merge.merger import SSTMerger, summary_text
-        from ..merge.options import build_config, load_config_file
 
         values = load_config_file(config) if config else {}
         for key, value in flags.items():
@@ -153,41 +186,41 @@ def _merge_command() -> click.Command:
                 continue
             values[key] = list(value) if isinstance(value, tuple) else value
         cfg = build_config(values, source=config or "command line")
-        if not cfg.out:
+        io = cfg.io
+        if not io.out:
             raise ConfigError("no output folder: pass --out DIR (or 'out:' in the config file)")
-        if cfg.safety is None and not cfg.utility:
+        if io.safety is None and not io.utility:
             raise ConfigError("nothing to merge: pass --utility U1 [U2 ...] and/or --safety S")
-        merger = SSTMerger(cfg.base, allow_pickle=cfg.allow_pickle, cache_dir=cfg.cache_dir, **cfg.options().model_dump())
+        merger = SSTMerger(io.base, options=cfg.options, allow_pickle=io.allow_pickle, cache_dir=io.cache_dir)
         # stream: module by module straight into --out (bounded memory); else in memory, then written
-        result = merger.merge_to(cfg.utility, cfg.safety, cfg.out, overwrite=cfg.overwrite, config=cfg, stream=cfg.stream)
+        result = merger.merge_to(list(io.utility), io.safety, io.out, overwrite=io.overwrite, config=cfg,
+                                 stream=io.stream)
         click.echo(summary_text(result.report), err=True, nl=False)
         click.echo(str(result.path))
 
-    params = [click.Option(["--config"], type=click.Path(dir_okay=False), default=None, help="YAML file with the same keys as the flags")]
-    params += options_from_model(MergeConfig)
+    params = [click.Option(["--config"], type=click.Path(dir_okay=False), default=None,
+                           help="YAML file with the same keys as the flags")]
+    params += _options_from_fields(_flag_fields())
     return click.Command(
         "merge",
         callback=run,
         params=params,
-        help="Merge utility adapter(s) and a safety adapter into one PEFT adapter folder (--out), with merge_report.json.",
+        help="Merge utility adapter(s) and a safety adapter into one PEFT adapter folder (--out), with "
+        "merge_report.json. Each method takes the common options and its own parameters (`sst-merge methods`); "
+        "a parameter of another method is an error.",
     )
 
 
-cli.add_command(_merge_command())
-
-
 def _fisher_command() -> click.Command:
-    from pydantic import create_model
+    from ..fisher.run import FisherSettings
+    from ..merge.methods import SubspaceParams
+    from ..merge.options import FISHER_KEYS, CommonOptions, MergeIO
 
-    from ..merge.options import MergeConfig
-
-    keep = ("base", "utility", "safety", "utility_coefficients", "utility_weights", "harmful_data", "benign_data",
-            "max_samples", "seed", "max_length", "fisher_batch_size", "fisher_device", "fisher_dtype", "damping", "cache_dir",
-            "allow_pickle", "overwrite")
-    fields = {k: (MergeConfig.model_fields[k].annotation, MergeConfig.model_fields[k]) for k in keep}
-    fields["out"] = (str | None, None)
-    FisherCommand = create_model("FisherCommand", **fields)
-    FisherCommand.model_fields["out"].description = "optional folder for fisher_report.json + spectrum.png"
+    fields = [(k, MergeIO.model_fields[k], "") for k in ("base", "utility", "safety", "cache_dir", "allow_pickle",
+                                                          "overwrite")]
+    fields += [(k, CommonOptions.model_fields[k], "") for k in ("utility_coefficients", "utility_weights", "seed")]
+    fields += [(flat, FisherSettings.model_fields[f], "") for flat, f in FISHER_KEYS.items()]
+    fields += [("damping", SubspaceParams.model_fields["damping"], "")]
 
     def run(**flags) -> None:
         from ..fisher.distributed import init_from_env, shutdown
@@ -196,39 +229,41 @@ def _fisher_command() -> click.Command:
         from ..io.atomic import atomic_output_dir, check_output_target
         from ..linalg.eigen import safety_subspace_from_gram
         from ..merge.compose import utility_coefficients
-        from ..merge.options import build_config
-        from ..merge.report import plot_spectrum, versions
+        from ..merge.config import build_config
+        from ..merge.report import plot_spectrum
+        from ..provenance import versions
         from ..io.models import load_base_info
 
         values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()
                   if v is not None and not (isinstance(v, tuple) and not v) and k != "out"}
-        cfg = build_config(values, "command line")
-        if cfg.safety is None:
+        cfg = build_config({**values, "mode": "residual"}, "command line")  # a Fisher method: takes these keys
+        io, opts = cfg.io, cfg.options
+        if io.safety is None:
             raise ConfigError("the Fisher is taken over the safety adapter's factors: pass --safety")
         if flags.get("out"):  # check --out before the (long) pass; claimed again when the report is written
-            check_output_target(flags["out"], overwrite=cfg.overwrite, inputs=fisher_inputs(cfg))
-        base = load_base_info(cfg.base, cfg.cache_dir)
-        utility = [read_adapter(u, allow_pickle=cfg.allow_pickle) for u in cfg.utility]
-        safety = read_adapter(cfg.safety, allow_pickle=cfg.allow_pickle)
-        coefs = utility_coefficients(len(utility), cfg.utility_coefficients, cfg.utility_weights)
-        dist = init_from_env(cfg.fisher_device)  # torchrun: one process per GPU / CPU worker
+            check_output_target(flags["out"], overwrite=io.overwrite, inputs=fisher_inputs(cfg))
+        base = load_base_info(io.base, io.cache_dir)
+        utility = [read_adapter(u, allow_pickle=io.allow_pickle) for u in io.utility]
+        safety = read_adapter(io.safety, allow_pickle=io.allow_pickle)
+        coefs = utility_coefficients(len(utility), opts.utility_coefficients, opts.utility_weights)
+        dist = init_from_env(opts.fisher.device)  # torchrun: one process per GPU / CPU worker
         try:
-            run_ = compute_fisher(base, utility, coefs, safety, cfg.fisher_settings(), cfg.cache_dir, dist=dist)
+            run_ = compute_fisher(base, utility, coefs, safety, opts.fisher, io.cache_dir, dist=dist)
         finally:
             shutdown()
         if not dist.is_main:
             return
-        stats = run_.stats
-        sub = safety_subspace_from_gram(stats.gram_total, stats.n_harm, 1, dim=stats.dim(), eps=cfg.damping, clamp_k=True)
+        stats, eps = run_.stats, opts.params.damping
+        sub = safety_subspace_from_gram(stats.gram_total, stats.n_harm, 1, dim=stats.dim(), eps=eps, clamp_k=True)
         spectrum = {"global": sub.eigenvalues.tolist()}
-        report = {"fisher": run_.meta, "damping_eps": cfg.damping, "damping_delta": sub.damping,
+        report = {"fisher": run_.meta, "damping_eps": eps, "damping_delta": sub.damping,
                   "available_rank": sub.available_rank, "eigenvalues": spectrum, "versions": versions()}
         click.echo(f"Fisher statistics: {run_.folder} (cache hit: {run_.meta.get('cache_hit')})")
         click.echo(f"samples: {stats.n_harm} harmful, {stats.n_benign} benign; D = {stats.dim()}; "
                    f"positive eigenvalues: {sub.available_rank}")
         click.echo("top λ: " + ", ".join(f"{x:.4g}" for x in sub.eigenvalues[:10]))
         if flags.get("out"):
-            with atomic_output_dir(flags["out"], cfg.overwrite, inputs=fisher_inputs(cfg), kind="fisher") as tmp:
+            with atomic_output_dir(flags["out"], io.overwrite, inputs=fisher_inputs(cfg), kind="fisher") as tmp:
                 (tmp / "fisher_report.json").write_text(json.dumps(report, indent=2, default=str))
                 plot_spectrum(spectrum, tmp / "spectrum.png", title="global empirical Fisher")
             click.echo(str(Path(flags["out"]).resolve()))
@@ -236,11 +271,13 @@ def _fisher_command() -> click.Command:
     def fisher_inputs(cfg) -> list:
         from ..io.models import default_cache_dir
 
-        return [*cfg.utility, cfg.safety, cfg.base, cfg.cache_dir or default_cache_dir(),
-                *(d for d in (cfg.harmful_data, cfg.benign_data) if not d.startswith("bundled:"))]
+        io, fs = cfg.io, cfg.options.fisher
+        return [*io.utility, io.safety, io.base, io.cache_dir or default_cache_dir(),
+                *(d for d in (fs.harmful_data, fs.benign_data) if not d.startswith("bundled:"))]
 
+    out_option = click.Option(["--out"], default=None, help="optional folder for fisher_report.json + spectrum.png")
     return click.Command(
-        "fisher", callback=run, params=options_from_model(FisherCommand),
+        "fisher", callback=run, params=_options_from_fields(fields) + [out_option],
         help="Compute (or load from the cache) the Fisher statistics of a safety adapter and show the spectrum. "
         "Later merges with the same base/adapters/data reuse them for any k, mode, preset or weights. "
         "Multi-process / multi-GPU: torchrun --nproc-per-node N sst-merge fisher ... (examples and modules are "
@@ -249,6 +286,7 @@ def _fisher_command() -> click.Command:
 
 
 cli.add_command(_fisher_command())
+_LAZY_COMMANDS = {"merge": _merge_command}
 
 
 @cli.command()
@@ -362,14 +400,23 @@ cli.add_command(_train_command())
 
 
 @cli.command()
-def methods() -> None:
-    """List the merge modes."""
-    from ..merge.methods import METHODS
+@click.argument("name", required=False)
+def methods(name: str | None) -> None:
+    """List the merge methods and their parameters (NAME: one method)."""
+    from ..merge.method import all_methods, method_class
 
-    for name in METHODS.names():
-        cls = METHODS.get(name)
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        click.echo(f"{name:12s} {doc}")
+    chosen = {name: method_class(name)} if name else all_methods()
+    for mname, cls in chosen.items():
+        needs = [w for w, flag in (("safety adapter", cls.needs_safety), ("Fisher pass", cls.needs_fisher),
+                                   ("dense updates", cls.dense)) if flag]
+        click.echo(f"{mname:12s} {cls.summary()}" + (f"  [needs: {', '.join(needs)}]" if needs else ""))
+        for key, field in cls.Params.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            click.echo(f"    --{key.replace('_', '-'):24s} {field.description or ''} [default: {default!r}]")
+    if not name:
+        click.echo("\ncommon options (every method): --safety-weight, --utility-coefficients, --utility-weights, "
+                   "--layer-weights, --recompress-rank, --dtype, --seed; the Fisher methods also take --harmful-data, "
+                   "--benign-data, --max-samples, --max-length, --fisher-batch-size, --fisher-device, --fisher-dtype")
 
 
 @cli.command("prepare-base")

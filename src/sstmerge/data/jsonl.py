@@ -94,7 +94,8 @@ _FORMAT_HINT = (
 )
 
 
-def _where(path: Path, lineno: int, what: str = "line") -> str:
+def location(path: Path, lineno: int, what: str = "line") -> str:
+    """``<file>, line <n>``: where a bad row is, for error messages."""
     return f"{path}, {what} {lineno}"
 
 
@@ -120,14 +121,14 @@ def iter_jsonl(p: Path, fix: str) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{_where(p, lineno)}: invalid JSON ({exc.msg} at column {exc.colno}); {fix}") from exc
+            raise DataError(f"{location(p, lineno)}: invalid JSON ({exc.msg} at column {exc.colno}); {fix}") from exc
         if not isinstance(row, dict):
-            raise DataError(f"{_where(p, lineno)}: expected a JSON object, got {type(row).__name__}; {fix}")
+            raise DataError(f"{location(p, lineno)}: expected a JSON object, got {type(row).__name__}; {fix}")
         yield lineno, row
 
 
 def _parse_messages(value: Any, path: Path, lineno: int) -> tuple[tuple[str, str], ...]:
-    where = _where(path, lineno)
+    where = location(path, lineno)
     if not isinstance(value, list):
         raise DataError(
             f"{where}: 'messages' must be a list of {{\"role\": ..., \"content\": ...}} objects, "
@@ -168,7 +169,7 @@ def _parse_messages(value: Any, path: Path, lineno: int) -> tuple[tuple[str, str
 
 
 def _parse_text_field(row: dict[str, Any], key: str, path: Path, lineno: int) -> str:
-    where = _where(path, lineno)
+    where = location(path, lineno)
     if key not in row:
         raise DataError(f"{where}: missing {key!r}; {_FORMAT_HINT}")
     value = row[key]
@@ -180,7 +181,7 @@ def _parse_text_field(row: dict[str, Any], key: str, path: Path, lineno: int) ->
 
 
 def _parse_row(row: Any, path: Path, lineno: int) -> Example:
-    where = _where(path, lineno)
+    where = location(path, lineno)
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}; {_FORMAT_HINT}")
     if "messages" in row:

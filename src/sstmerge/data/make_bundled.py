@@ -24,7 +24,7 @@ N_TRAIN, N_ARITH_EVAL = 240, 60
 
 def generated_files() -> dict[str, str]:
     """File name -> exact text of every generated bundled file."""
-    from ..eval.data import generate_fictional_qa
+    from .fictional import generate_fictional_qa
 
     def lines(rows) -> str:
         return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

@@ -3,7 +3,7 @@
 Two measurable skills a 135M instruct model lacks, used for the utility adapters of the experiment grid:
 
 * **Reading comprehension (A5)**, RepliQA's idea: fictional documents from
-  :func:`sstmerge.eval.data.generate_fictional_qa`, answered with a short span (or the abstention
+  :func:`sstmerge.data.fictional.generate_fictional_qa`, answered with a short span (or the abstention
   sentence :data:`QA_ABSTAIN` when the document does not say). Prompt: :data:`QA_INSTRUCTION`.
 * **Arithmetic word problems (A6)**: :func:`generate_arithmetic` -- addition, subtraction and
   multiplication stories with 2- and 3-digit numbers; the supervised answer shows the computation and
@@ -111,3 +111,18 @@ def extract_final_number(text: str) -> int | None:
             except ValueError:
                 continue
     return None
+
+
+#: the answer of a question whose document does not contain it (RepliQA's convention)
+UNANSWERABLE = "UNANSWERABLE"
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """A question about a document; ``answerable`` is False when the document does not contain the answer."""
+
+    id: str
+    document: str
+    question: str
+    answer: str
+    answerable: bool = True

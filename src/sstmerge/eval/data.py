@@ -31,7 +31,7 @@ the file name without ``_test`` / ``_dev`` / ``_val``), or JSONL rows
 
 **Document QA** (:func:`load_qa` → :class:`QAItem`): RepliQA-style JSONL with ``document`` (or
 ``document_extracted``), ``question``, ``answer`` and optional ``question_id`` / ``document_id`` /
-``answerable``. :func:`generate_fictional_qa` makes such items without any file.
+``answerable``. :func:`sstmerge.data.fictional.generate_fictional_qa` makes such items without any file.
 """
 
 from __future__ import annotations
@@ -39,16 +39,15 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sstmerge.data.jsonl import BUNDLED_NAMES, _where, iter_jsonl, resolve_data
+from sstmerge.data.jsonl import BUNDLED_NAMES, iter_jsonl, location, resolve_data
 from sstmerge.data.jsonl import read_text as _read_text
-from sstmerge.data.tasks import ArithmeticItem
+from sstmerge.data.tasks import UNANSWERABLE, ArithmeticItem, QAItem
 from sstmerge.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -59,7 +58,6 @@ __all__ = [
     "QAItem",
     "Template",
     "UNANSWERABLE",
-    "generate_fictional_qa",
     "load_mcq",
     "load_mcq_dev",
     "load_prompts",
@@ -69,7 +67,6 @@ __all__ = [
 ]
 
 #: RepliQA's answer marker for questions the document does not answer.
-UNANSWERABLE = "UNANSWERABLE"
 #: Placeholder that a jailbreak template replaces with the request.
 PROMPT_PLACEHOLDER = "{prompt}"
 
@@ -128,17 +125,6 @@ class MCQItem:
         return chr(ord("A") + self.answer)
 
 
-@dataclass(frozen=True)
-class QAItem:
-    """A question about a document; ``answerable`` is False when the document does not contain the answer."""
-
-    id: str
-    document: str
-    question: str
-    answer: str
-    answerable: bool = True
-
-
 # ------------------------------------------------------------------------------------------ helpers
 
 
@@ -181,7 +167,7 @@ def _iter_csv_rows(p: Path) -> Iterator[tuple[int, list[str]]]:
             yield lineno, cells
     except csv.Error as exc:
         raise DataError(
-            f"{_where(p, reader.line_num)}: malformed CSV ({exc}); check the quoting of that row"
+            f"{location(p, reader.line_num)}: malformed CSV ({exc}); check the quoting of that row"
         ) from exc
 
 
@@ -231,7 +217,7 @@ def load_prompts(path: str | os.PathLike[str]) -> list[PromptItem]:
                 items.append(PromptItem(id=f"{stem}:{len(items)}", prompt=line.strip()))
     elif suffix in _JSONL_SUFFIXES:
         for lineno, row in _iter_jsonl(p, _PROMPT_HINT):
-            where = _where(p, lineno)
+            where = location(p, lineno)
             key = next((k for k in ("prompt", "goal", "Behavior") if k in row), None)
             if key is None:
                 raise DataError(
@@ -276,7 +262,7 @@ def _load_prompt_csv(p: Path) -> list[PromptItem]:
     id_col = next((lower.index(c) for c in _ID_COLUMNS if c in lower), None)
     items: list[PromptItem] = []
     for lineno, cells in rows:
-        where = _where(p, lineno)
+        where = location(p, lineno)
         if len(cells) != len(names):
             raise DataError(
                 f"{where}: row has {len(cells)} columns but the header has {len(names)} ({names}); "
@@ -311,7 +297,7 @@ def load_templates(path: str | os.PathLike[str]) -> list[Template]:
     raw: list[tuple[str, str, str | None, int]] = []
     if p.suffix.lower() in _JSONL_SUFFIXES:
         for lineno, row in _iter_jsonl(p, _TEMPLATE_HINT):
-            where = _where(p, lineno)
+            where = location(p, lineno)
             text = _str_field(row, "template", where, f"each row must look like {_TEMPLATE_HINT}")
             name = _opt_str(row, ("name",), where) or f"{p.stem}:{len(raw)}"
             family = _opt_str(row, ("family",), where)
@@ -324,7 +310,7 @@ def load_templates(path: str | os.PathLike[str]) -> list[Template]:
     seen: dict[str, int] = {}
     out: list[Template] = []
     for name, text, family, lineno in raw:
-        where = _where(p, lineno)
+        where = location(p, lineno)
         if PROMPT_PLACEHOLDER not in text:
             raise DataError(
                 f"{where}: template {name!r} does not contain the placeholder {PROMPT_PLACEHOLDER}; "
@@ -367,13 +353,13 @@ def _parse_template_blocks(p: Path) -> list[tuple[str, str, str | None, int]]:
         if m:
             name = m.group(1)
             if not name:
-                raise DataError(f"{_where(p, start)}: '# name:' line without a name; write '# name: <name>'")
+                raise DataError(f"{location(p, start)}: '# name:' line without a name; write '# name: <name>'")
             body = lines[1:]
             while body and not body[0].strip():
                 body = body[1:]
             if not body:
                 raise DataError(
-                    f"{_where(p, start)}: template {name!r} has a name but no text; add the template "
+                    f"{location(p, start)}: template {name!r} has a name but no text; add the template "
                     "text (with {prompt}) below the '# name:' line"
                 )
             lines = body
@@ -428,7 +414,7 @@ def _mcq_csv(p: Path) -> list[MCQItem]:
     items: list[MCQItem] = []
     expected: int | None = None
     for lineno, cells in _iter_csv_rows(p):
-        where = _where(p, lineno, "row")
+        where = location(p, lineno, "row")
         if expected is None:
             expected = len(cells)
             if expected < 4:
@@ -460,7 +446,7 @@ def _mcq_csv(p: Path) -> list[MCQItem]:
 def _mcq_jsonl(p: Path) -> list[MCQItem]:
     items: list[MCQItem] = []
     for lineno, row in _iter_jsonl(p, _MCQ_HINT):
-        where = _where(p, lineno)
+        where = location(p, lineno)
         question = _str_field(row, "question", where, f"each row must look like {_MCQ_HINT}")
         if "choices" not in row:
             raise DataError(f"{where}: missing 'choices'; each row must look like {_MCQ_HINT}")
@@ -554,7 +540,7 @@ def load_qa(path: str | os.PathLike[str]) -> list[QAItem]:
     p = _existing(path, "QA file")
     items: list[QAItem] = []
     for lineno, row in _iter_jsonl(p, _QA_HINT):
-        where = _where(p, lineno)
+        where = location(p, lineno)
         doc_key = "document" if "document" in row else "document_extracted"
         if doc_key not in row:
             raise DataError(
@@ -592,7 +578,7 @@ def load_arithmetic(path: str | os.PathLike[str]) -> list[ArithmeticItem]:
     p = _existing(path, "arithmetic file")
     items: list[ArithmeticItem] = []
     for lineno, row in _iter_jsonl(p, hint):
-        where = _where(p, lineno)
+        where = location(p, lineno)
         question = _str_field(row, "question", where, f"each row must look like {hint}")
         answer = row.get("answer")
         if isinstance(answer, bool) or not isinstance(answer, int):
@@ -602,184 +588,4 @@ def load_arithmetic(path: str | os.PathLike[str]) -> list[ArithmeticItem]:
         items.append(ArithmeticItem(id=qid, question=question, answer=answer, work="", operation=op))
     if not items:
         raise DataError(f"{p}: arithmetic file is empty (no rows); add lines such as {hint}")
-    return items
-
-
-# ------------------------------------------------------------------------------------------ generator
-
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "th", "kr", "sk", "vr")
-_VOWELS = ("a", "e", "i", "o", "u", "ae", "ei", "ou")
-_CODAS = ("", "", "", "n", "r", "l", "s", "th", "m", "x")
-
-_GOODS = (
-    "blue clay pottery", "smoked goat cheese", "copper bells", "woven reed baskets", "pear brandy",
-    "glass beads", "felt hats", "salted river eels", "cedar canoes", "honey candles",
-)
-_PRODUCTS = ("lantern", "water pump", "bicycle", "sewing machine", "typewriter", "kettle", "weather vane", "loom")
-_SPECIES_KIND = ("moth", "orchid", "frog", "lichen", "beetle", "fern")
-_COLOURS = ("violet", "amber", "silver", "crimson", "pale green", "ink-blue")
-
-
-class _Namer:
-    """Invented names from seeded syllables; never repeats a name within one generator run."""
-
-    def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
-        self.used: set[str] = set()
-
-    def word(self, lo: int = 2, hi: int = 3) -> str:
-        while True:
-            n = self.rng.randint(lo, hi)
-            parts = [self.rng.choice(_ONSETS) + self.rng.choice(_VOWELS) for _ in range(n)]
-            w = ("".join(parts) + self.rng.choice(_CODAS)).capitalize()
-            if w not in self.used:
-                self.used.add(w)
-                return w
-
-    def person(self) -> str:
-        return f"{self.word(2, 2)} {self.word(2, 3)}"
-
-
-def _fmt_int(n: int) -> str:
-    return f"{n:,}"
-
-
-# Each topic: (intro sentence, {slot: (sentence, question)}); values are filled from a facts dict.
-def _town_facts(nm: _Namer, rng: random.Random) -> tuple[str, dict[str, str], str]:
-    town = nm.word()
-    facts = {
-        "name": town,
-        "region": nm.word(),
-        "founder": nm.person(),
-        "year": str(rng.randint(1702, 1899)),
-        "river": nm.word(),
-        "population": _fmt_int(rng.randint(12_000, 98_000)),
-        "festival": nm.word(),
-        "mayor": nm.person(),
-        "export": rng.choice(_GOODS),
-    }
-    intro = "{name} is a small town in the {region} Valley."
-    return "town", facts, intro
-
-
-_TOWN_SLOTS = {
-    "founder": ("{name} was founded by the merchant {founder}.", "Who founded the town of {name}?"),
-    "year": ("The town received its royal charter in {year}.", "In which year did {name} receive its royal charter?"),
-    "river": ("{name} lies on the banks of the {river} River.", "On which river does {name} lie?"),
-    "population": ("At the last census, {name} had {population} residents.", "How many residents did {name} have at the last census?"),
-    "festival": ("Every autumn the town hosts the {festival} Lantern Fair.", "What is the name of the fair that {name} hosts every autumn?"),
-    "mayor": ("The current mayor is {mayor}.", "Who is the current mayor of {name}?"),
-    "export": ("Its best-known export is {export}.", "What is the best-known export of {name}?"),
-}
-_TOWN_ANSWERS = {"festival": "{festival} Lantern Fair"}
-
-
-def _company_facts(nm: _Namer, rng: random.Random) -> tuple[str, dict[str, str], str]:
-    facts = {
-        "name": f"{nm.word()} Works",
-        "town": nm.word(),
-        "founder": nm.person(),
-        "year": str(rng.randint(1901, 1989)),
-        "employees": _fmt_int(rng.randint(1_200, 9_400)),
-        "product": f"{nm.word(2, 2)} {rng.choice(_PRODUCTS)}",
-        "ceo": nm.person(),
-        "rival": f"{nm.word()} Brothers",
-    }
-    intro = "{name} is a manufacturer based in the town of {town}."
-    return "company", facts, intro
-
-
-_COMPANY_SLOTS = {
-    "founder": ("The company was started by the engineer {founder}.", "Who started {name}?"),
-    "year": ("It opened its first workshop in {year}.", "In which year did {name} open its first workshop?"),
-    "employees": ("Today it employs {employees} people.", "How many people does {name} employ today?"),
-    "product": ("Its most famous product is the {product}.", "What is the most famous product of {name}?"),
-    "ceo": ("The chief executive is {ceo}.", "Who is the chief executive of {name}?"),
-    "rival": ("Its main competitor is {rival}.", "Who is the main competitor of {name}?"),
-}
-
-
-def _species_facts(nm: _Namer, rng: random.Random) -> tuple[str, dict[str, str], str]:
-    kind = rng.choice(_SPECIES_KIND)
-    facts = {
-        "name": f"{nm.word()} {kind}",
-        "kind": kind,
-        "island": nm.word(),
-        "discoverer": nm.person(),
-        "year": str(rng.randint(1803, 1979)),
-        "colour": rng.choice(_COLOURS),
-        "size": f"{rng.randint(11, 89) / 10:.1f}",
-        "museum": f"{nm.word()} Museum",
-    }
-    intro = "The {name} is a rare {kind} found only on the island of {island}."
-    return "species", facts, intro
-
-
-_SPECIES_SLOTS = {
-    "discoverer": ("It was first described by the naturalist {discoverer}.", "Who first described the {name}?"),
-    "year": ("The first specimen was collected in {year}.", "In which year was the first specimen of the {name} collected?"),
-    "colour": ("Its most striking feature is its {colour} colouring.", "What colour is the {name} known for?"),
-    "size": ("It grows to about {size} centimetres across.", "About how large, in centimetres, does the {name} grow?"),
-    "museum": ("The original specimen is kept at the {museum}.", "Where is the original specimen of the {name} kept?"),
-}
-
-_TOPICS = (
-    (_town_facts, _TOWN_SLOTS, _TOWN_ANSWERS),
-    (_company_facts, _COMPANY_SLOTS, {}),
-    (_species_facts, _SPECIES_SLOTS, {}),
-)
-
-
-def generate_fictional_qa(n: int = 40, seed: int = 0) -> list[QAItem]:
-    """Generate ``n`` short fictional documents, each with one question (RepliQA's idea, no file needed).
-
-    Like RepliQA, the documents describe things that do not exist, so a model cannot answer from memory
-    and must read the document. Generation is fully deterministic given ``seed`` (one
-    ``random.Random(seed)``; nothing depends on hashing or the clock):
-
-    * Names of towns, rivers, people, companies, species, museums, ... are invented from seeded
-      syllables (onset + vowel pairs plus an optional coda, e.g. "Drouvak", "Keisa Thibur"); a name is
-      never reused within one call.
-    * Each document follows one of three topics chosen in turn — a town, a manufacturing company, a rare
-      species — and has an intro sentence plus 3 or 4 fact sentences picked at random from that topic's
-      fact slots (founder, charter year, river, population, autumn fair, mayor, export; founder, year,
-      employees, product, chief executive, rival; discoverer, year, colour, size, museum). Numbers are
-      written so that none is a substring of another in the same document (years as 4 bare digits,
-      counts with a thousands comma, sizes with one decimal).
-    * ``round(n / 4)`` items (positions drawn at random) are **unanswerable**: their question asks about
-      a slot of the topic that the document does not include; their answer is ``"UNANSWERABLE"`` and
-      ``answerable`` is False. For the others the question asks about an included slot, and the answer is
-      the slot's value: a short span that occurs literally in the document.
-
-    Item ids are ``"fictional:<seed>:<index>"``.
-
-    Raises:
-        DataError: ``n`` is not a non-negative integer.
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise DataError(f"generate_fictional_qa: n must be a non-negative integer, got {n!r}")
-    rng = random.Random(seed)
-    namer = _Namer(rng)
-    unanswerable = set(rng.sample(range(n), round(n / 4))) if n else set()
-    items: list[QAItem] = []
-    for i in range(n):
-        make, slots, answer_forms = _TOPICS[i % len(_TOPICS)]
-        _, facts, intro = make(namer, rng)
-        slot_names = list(slots)
-        k = rng.randint(3, 4)
-        included = rng.sample(slot_names, k)
-        included.sort(key=slot_names.index)  # keep a natural sentence order
-        doc = " ".join([intro.format(**facts)] + [slots[s][0].format(**facts) for s in included])
-        if i in unanswerable:
-            target = rng.choice([s for s in slot_names if s not in included])
-            answer, answerable = UNANSWERABLE, False
-        else:
-            target = rng.choice(included)
-            answer = answer_forms.get(target, "{" + target + "}").format(**facts)
-            answerable = True
-        question = slots[target][1].format(**facts)
-        items.append(
-            QAItem(id=f"fictional:{seed}:{i}", document=doc, question=question, answer=answer, answerable=answerable)
-        )
-    logger.debug("generated %d fictional QA items (seed=%d, %d unanswerable)", n, seed, len(unanswerable))
     return items

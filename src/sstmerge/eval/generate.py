@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._logging import quiet
-from ..data.chat import pad_id
+from ..data.chat import collate, pad_id
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +76,9 @@ def generate_ids(
     model.eval()
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=quiet(), leave=False):
         idx = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            seq = encoded[i]
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
+        batch = collate([{"input_ids": encoded[i]} for i in idx], pad, padding_side="left")
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # (rows, width), left-padded
+        width = ids.shape[1]
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=pad, eos_token_id=eos_ids, temperature=None, top_p=None, top_k=None,

@@ -277,7 +277,7 @@ class LogProbRefusalJudge:
     def scores(self, prompts: list[str], answers: list[str]) -> list[float]:
         """``logp(Yes) - logp(No)`` per pair (NaN for empty answers)."""
         _check_lengths(prompts, answers)
-        from ..data.chat import pad_id
+        from ..data.chat import collate, pad_id
 
         out = [math.nan] * len(answers)
         todo = [i for i, a in enumerate(answers) if a and a.strip()]
@@ -294,13 +294,8 @@ class LogProbRefusalJudge:
         try:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
-                width = max(len(encoded[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):
-                    seq = encoded[i]
-                    ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-                    mask[row, width - len(seq):] = 1
+                batch = collate([{"input_ids": encoded[i]} for i in idx], pad, padding_side="left")
+                ids, mask = batch["input_ids"], batch["attention_mask"]  # (rows, width), left-padded
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
                 logits = self.model(
                     input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)

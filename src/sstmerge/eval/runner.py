@@ -19,11 +19,11 @@ from typing import Any
 
 from ..errors import CacheCorruptError, ConfigError
 from ..io.atomic import remove_stale_temps
-from ..io.hashing import model_files, sha256_file, sha256_files
+from ..io.hashing import model_files, sha256_files
 from ..io.integrity import read_checked_json, write_checked_json
 from ..io.locking import PathLock
 from ..io.models import default_cache_dir, load_base_info, load_causal_lm, resolve_base
-from ..merge.report import now_iso, versions
+from ..provenance import now_iso, versions
 from .suites import SUITES, EvalSettings, SuiteContext
 
 log = logging.getLogger(__name__)
@@ -44,41 +44,6 @@ class _AdapterDisabled:
             return list(self.inner.judge(prompts, answers))
 
 
-def _load_suite_data(suite: str, data: str | None, templates: str | None, settings: EvalSettings):
-    """Items (and extras) of a suite plus a digest of where they came from."""
-    from . import data as eval_data
-
-    spec = data or SUITES.get(suite).default_data
-    if suite == "qa" and spec.startswith("generated:"):
-        items = eval_data.generate_fictional_qa(n=40, seed=0)
-        return (items,), {"source": spec, "generator": "generate_fictional_qa(n=40, seed=0)",
-                          "sha256": hashlib.sha256(json.dumps([i.__dict__ for i in items]).encode()).hexdigest()}
-    path = eval_data.resolve_eval_data(spec)
-    digest: dict[str, Any] = {"source": spec, "path": str(path), "sha256": _digest_path(path)}
-    if suite == "jailbreak":
-        tpl_spec = templates or "bundled:jailbreak_templates"
-        tpl_path = eval_data.resolve_eval_data(tpl_spec)
-        digest["templates"] = {"source": tpl_spec, "sha256": _digest_path(tpl_path)}
-        return (eval_data.load_prompts(path), eval_data.load_templates(tpl_path)), digest
-    if suite == "overrefusal":
-        return (eval_data.load_prompts(path),), digest
-    if suite == "mcq":
-        dev = []
-        if settings.shots:
-            dev_path = eval_data.resolve_eval_data("bundled:mcq_dev")
-            dev = eval_data.load_mcq_dev(dev_path)
-            if settings.shots > len(dev):
-                raise ConfigError(f"--shots {settings.shots}: the few-shot set {dev_path} has only {len(dev)} "
-                                  f"exemplars; use --shots {len(dev)} or fewer")
-            digest["dev"] = {"source": "bundled:mcq_dev", "sha256": _digest_path(dev_path)}
-        return (eval_data.load_mcq(path), dev), digest
-    if suite == "qa":
-        return (eval_data.load_qa(path),), digest
-    if suite == "arithmetic":
-        return (eval_data.load_arithmetic(path),), digest
-    raise ConfigError(f"no data loader for suite {suite!r}")
-
-
 def _generation_config_holder(base_path: Path):
     """An object with the base model's ``generation_config`` (for its end-of-turn ids) without loading weights."""
     from types import SimpleNamespace
@@ -89,17 +54,6 @@ def _generation_config_holder(base_path: Path):
         return SimpleNamespace(generation_config=GenerationConfig.from_pretrained(str(base_path)))
     except OSError:  # no generation_config.json: the tokenizer's eos only
         return SimpleNamespace(generation_config=None)
-
-
-def _digest_path(path: Path) -> str:
-    if path.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(path.rglob("*")):
-            if f.is_file():
-                h.update(f.relative_to(path).as_posix().encode())
-                h.update(sha256_file(f).encode())
-        return h.hexdigest()
-    return sha256_file(path)
 
 
 def evaluate(
@@ -140,7 +94,7 @@ def evaluate(
         from .vllm_backend import require_vllm
 
         require_vllm()
-    loaded = {s: _load_suite_data(s, data.get(s), templates, per_suite[s]) for s in suites}  # validate all data first
+    loaded = {s: SUITES.get(s).load_data(data.get(s), templates, per_suite[s]) for s in suites}  # validate all data first
 
     base_path = resolve_base(base, cache_dir)
     model_digest = sha256_files(model_files(base_path))

@@ -6,17 +6,20 @@ where every record holds the prompt, the output and the verdict, so any number c
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .._logging import quiet
-from ..data.chat import pad_id
+from ..data.chat import collate, pad_id
 from ..data.tasks import ARITHMETIC_INSTRUCTION, QA_INSTRUCTION, extract_final_number
 from ..registry import Registry
 from .generate import generate, render_prompt
@@ -182,12 +185,8 @@ def letter_logprobs(model, tokenizer, items: Sequence, shots: Sequence, batch_si
     order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
     for start in tqdm(range(0, len(order), batch_size), desc="mcq", unit="batch", disable=quiet(), leave=False):
         idx = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(idx):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
+        batch = collate([{"input_ids": encoded[i]} for i in idx], pad, padding_side="left")
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # (rows, width), left-padded
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
         device = next(model.parameters()).device
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
@@ -257,25 +256,149 @@ def run_arithmetic(ctx: SuiteContext, items: Sequence) -> dict[str, Any]:
     return {"metrics": metrics, "records": records}
 
 
+# ------------------------------------------------------------------------------------------ loaders
+def data_digest(path: Path) -> str:
+    """SHA-256 of a data file, or of a folder's files (names and contents, sorted)."""
+    from ..io.hashing import sha256_file
+
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(path.rglob("*")):
+            if f.is_file():
+                h.update(f.relative_to(path).as_posix().encode())
+                h.update(sha256_file(f).encode())
+        return h.hexdigest()
+    return sha256_file(path)
+
+
+def _source(spec: str) -> tuple[Path, dict[str, Any]]:
+    from .data import resolve_eval_data
+
+    path = resolve_eval_data(spec)
+    return path, {"source": spec, "path": str(path), "sha256": data_digest(path)}
+
+
+def load_jailbreak(spec: str, templates: str | None, settings: EvalSettings):
+    from .data import load_prompts, load_templates
+
+    path, digest = _source(spec)
+    tpl_path, tpl_digest = _source(templates or "bundled:jailbreak_templates")
+    digest["templates"] = {"source": tpl_digest["source"], "sha256": tpl_digest["sha256"]}
+    return (load_prompts(path), load_templates(tpl_path)), digest
+
+
+def load_overrefusal(spec: str, templates: str | None, settings: EvalSettings):
+    from .data import load_prompts
+
+    path, digest = _source(spec)
+    return (load_prompts(path),), digest
+
+
+def load_mcq(spec: str, templates: str | None, settings: EvalSettings):
+    from ..errors import ConfigError
+    from .data import load_mcq as read_mcq
+    from .data import load_mcq_dev
+
+    path, digest = _source(spec)
+    dev = []
+    if settings.shots:
+        dev_path, dev_digest = _source("bundled:mcq_dev")
+        dev = load_mcq_dev(dev_path)
+        if settings.shots > len(dev):
+            raise ConfigError(f"--shots {settings.shots}: the few-shot set {dev_path} has only {len(dev)} "
+                              f"exemplars; use --shots {len(dev)} or fewer")
+        digest["dev"] = {"source": dev_digest["source"], "sha256": dev_digest["sha256"]}
+    return (read_mcq(path), dev), digest
+
+
+def load_qa(spec: str, templates: str | None, settings: EvalSettings):
+    from ..data.fictional import generate_fictional_qa
+    from .data import load_qa as read_qa
+
+    if spec.startswith("generated:"):
+        items = generate_fictional_qa(n=40, seed=0)
+        return (items,), {"source": spec, "generator": "generate_fictional_qa(n=40, seed=0)",
+                          "sha256": hashlib.sha256(json.dumps([i.__dict__ for i in items]).encode()).hexdigest()}
+    path, digest = _source(spec)
+    return (read_qa(path),), digest
+
+
+def load_arithmetic(spec: str, templates: str | None, settings: EvalSettings):
+    from .data import load_arithmetic as read_arithmetic
+
+    path, digest = _source(spec)
+    return (read_arithmetic(path),), digest
+
+
+# ------------------------------------------------------------------------------------------ headline columns
+def _plain_refusals(result: dict, judge: str, plain: bool) -> float | None:
+    verdicts = [r["refused"][judge] for r in result["records"] if (r["template"] == "plain") == plain]
+    return sum(verdicts) / len(verdicts) if verdicts else None
+
+
+def _metric(key: str) -> Callable[[dict, str], float | None]:
+    """A headline value read from ``metrics[key]`` (``{judge}`` in the key is replaced by the table's judge)."""
+    return lambda result, judge: result["metrics"].get(key.format(judge=judge))
+
+
+@dataclass(frozen=True)
+class Column:
+    """A headline number of a suite: the results table's column ``name``. ``value(result, judge)`` reads it
+    from the suite's result; ``role`` puts it into the table's summary scores (``safety`` / ``utility``)."""
+
+    name: str
+    description: str
+    value: Callable[[dict, str], float | None]
+    higher_is_better: bool = True
+    role: str | None = None
+
+
+# ------------------------------------------------------------------------------------------ the registry
 @dataclass(frozen=True)
 class Suite:
+    """An evaluation suite, self-contained: its default data and loader, its run, its headline columns."""
+
     name: str
     description: str
     default_data: str
     run: Callable[..., dict[str, Any]]
+    load: Callable[[str, str | None, EvalSettings], tuple[tuple, dict]]
+    columns: tuple[Column, ...] = ()
     #: how items become queries (instruction text, or a versioned description); part of the result cache key,
     #: so a changed prompt never returns results computed with the old one
     prompt_format: str = "the item's prompt, unchanged"
 
+    def load_data(self, data: str | None, templates: str | None, settings: EvalSettings) -> tuple[tuple, dict]:
+        """``(items...)`` for :attr:`run` and a digest of where they came from (default data when None)."""
+        return self.load(data or self.default_data, templates, settings)
+
 
 SUITES: Registry[Suite] = Registry("eval suite")
-SUITES.register("jailbreak", Suite("jailbreak", "refusal of harmful prompts, plain and in jailbreak templates",
-                                   "bundled:harmful_eval", run_jailbreak))
-SUITES.register("overrefusal", Suite("overrefusal", "wrong refusals of benign, sensitive-looking prompts",
-                                     "bundled:overrefusal", run_overrefusal))
-SUITES.register("mcq", Suite("mcq", "multiple choice (MMLU format), letter log-likelihood", "bundled:mcq_general", run_mcq,
-                             "mcq_messages v1: question, lettered options, 'Answer with the letter of the correct option'"))
-SUITES.register("qa", Suite("qa", "reading comprehension (RepliQA format), F1/EM + abstention", "generated:fictional", run_qa,
-                            QA_INSTRUCTION))
-SUITES.register("arithmetic", Suite("arithmetic", "arithmetic word problems, accuracy of the final number",
-                                    "bundled:arithmetic_eval", run_arithmetic, ARITHMETIC_INSTRUCTION))
+SUITES.register("jailbreak", Suite(
+    "jailbreak", "refusal of harmful prompts, plain and in jailbreak templates", "bundled:harmful_eval",
+    run_jailbreak, load_jailbreak, columns=(
+        Column("jailbreak_plain", "refusal rate on held-out harmful prompts (keyword judge)",
+               lambda r, j: _plain_refusals(r, j, True), role="safety"),
+        Column("jailbreak_templated", "refusal rate on the same prompts inside jailbreak templates",
+               lambda r, j: _plain_refusals(r, j, False), role="safety"))))
+SUITES.register("overrefusal", Suite(
+    "overrefusal", "wrong refusals of benign, sensitive-looking prompts", "bundled:overrefusal",
+    run_overrefusal, load_overrefusal, columns=(
+        Column("overrefusal", "refusal rate on benign, sensitive-looking prompts (lower is better)",
+               _metric("overrefusal_rate[{judge}]"), higher_is_better=False),)))
+SUITES.register("mcq", Suite(
+    "mcq", "multiple choice (MMLU format), letter log-likelihood", "bundled:mcq_general", run_mcq, load_mcq,
+    columns=(Column("mcq_accuracy", "general-knowledge multiple choice, letter log-likelihood", _metric("accuracy")),),
+    prompt_format="mcq_messages v1: question, lettered options, 'Answer with the letter of the correct option'"))
+SUITES.register("qa", Suite(
+    "qa", "reading comprehension (RepliQA format), F1/EM + abstention", "generated:fictional", run_qa, load_qa,
+    columns=(Column("qa_f1", "reading comprehension token F1 on answerable fictional-document questions (A5's task)",
+                    _metric("f1"), role="utility"),
+             Column("qa_abstention", "correct abstentions on unanswerable questions", _metric("abstention_accuracy"))),
+    prompt_format=QA_INSTRUCTION))
+SUITES.register("arithmetic", Suite(
+    "arithmetic", "arithmetic word problems, accuracy of the final number", "bundled:arithmetic_eval",
+    run_arithmetic, load_arithmetic,
+    columns=(Column("arithmetic_accuracy", "arithmetic word problems, final-number accuracy (A6's task)",
+                    _metric("accuracy"), role="utility"),),
+    prompt_format=ARITHMETIC_INSTRUCTION))

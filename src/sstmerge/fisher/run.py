@@ -51,9 +51,10 @@ MAX_REPAIRS = 3
 
 
 class FisherSettings(BaseModel):
-    """What the Fisher pass computes on (CLI: ``sst-merge fisher``, and the merge flags of the same names)."""
+    """What the Fisher pass computes on (CLI: ``sst-merge fisher``; merge options nest it as ``options.fisher``,
+    flat keys in :data:`sstmerge.merge.options.FISHER_KEYS`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     harmful_data: str = Field("bundled:harmful_train", description="JSONL of harmful prompts with refusal responses")
     benign_data: str = Field("bundled:benign_train", description="JSONL of benign task examples")

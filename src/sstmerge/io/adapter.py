@@ -671,7 +671,7 @@ def write_adapter(
 ) -> None:
     """Write ``adapter`` as a standard PEFT folder into an existing (temporary) ``folder``.
 
-    All modules must share one rank and scale 1 (what :func:`sstmerge.merge.compose.compose_adapters`
+    All modules must share one rank and scale 1 (what :class:`sstmerge.merge.compose.MemorySink`
     produces): the config is then ``r = lora_alpha = rank``, no rank/alpha patterns, which PEFT and vLLM
     load unchanged. Use :func:`sstmerge.io.atomic.atomic_output_dir` around this call. The whole state dict
     is built in memory; :class:`AdapterStreamWriter` writes the same bytes module by module.

@@ -1,9 +1,12 @@
-"""Compose utility adapters and the (projected) safety adapter into one exact LoRA adapter.
+"""Composition: the merged modules, one at a time, and the one composer that writes them.
 
-The work is per module: :func:`iter_compose` / :func:`iter_dense` produce one merged module at a time and
-:func:`plan_compose` / :func:`plan_dense` give the output layout (shapes, ranks, the common rank) from the
-inputs' headers before anything is read. :func:`compose_adapters` / :func:`compose_dense` collect the modules
-in memory; the streaming merge (``SSTMerger.merge_to``) writes each one to disk as it comes.
+The work is per module: :func:`iter_compose` (exact rank concatenation) and :func:`iter_dense` (a dense
+method's ΔW factored back by truncated SVD) produce one merged module at a time, and :func:`plan_compose` /
+:func:`plan_dense` give the output layout (shapes, ranks, the common rank) from the inputs' headers before
+anything is read. :func:`compose` drains a method's output into a sink: :class:`MemorySink` (a
+:class:`~sstmerge.io.adapter.LoraAdapter` in memory) or :class:`StreamSink` (straight into the output folder,
+memory bounded by a few modules). Both pad every module to the plan's common rank, so their files are
+byte-identical.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from ..io.models import BaseModelInfo
 from ..linalg.lowrank import concat_lora, dense_to_lora, pad_rank, truncate_lora
 
 if TYPE_CHECKING:
-    from .baselines import DeltaMergeMethod
+    from ..io.adapter import AdapterStreamWriter
+    from .method import DenseMethod, MethodOutput
 
 log = logging.getLogger(__name__)
 
@@ -205,54 +209,6 @@ def iter_full_tensors(
         yield key, total.to(torch.float32), {"full_tensor": True, "present_in": [lbl for lbl, a, _ in sources if key in a.full_tensors]}
 
 
-def compose_adapters(
-    utility: Sequence[LoraAdapter],
-    coefficients: Sequence[float],
-    safety: LoraAdapter | None,
-    safety_weights: dict[str, float],
-    *,
-    base: BaseModelInfo | None = None,
-    recompress_rank: int | None = None,
-) -> tuple[LoraAdapter, dict]:
-    """``ΔW^m = Σ_i c_i ΔW_Ui^m + w^m ΔW_S^m`` for the union of modules, as one LoRA adapter in memory.
-
-    Each module as in :func:`iter_compose`: ``A = [c_1 s_1 A_1; …; w s_S A_S]``, ``B = [B_1 … B_S]`` (scale 1),
-    an adapter missing the module contributes zero (listed in the report). All modules are then zero-padded
-    to one common rank (or recompressed to ``recompress_rank`` by truncated SVD, with the relative Frobenius
-    error per module) so the output is a plain PEFT config without rank patterns.
-
-    Full-tensor entries (``modules_to_save``) are merged as differences from the base weight:
-    ``W = W_base + Σ_i c_i (W_i − W_base) + w (W_S − W_base)``; this needs ``base``.
-
-    Returns the merged adapter and a per-module report. ``merge.merger.SSTMerger.merge_to`` writes the same
-    modules to disk as they come instead of collecting them.
-    """
-    merged_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    report: dict[str, dict] = {}
-    items = iter_compose(utility, coefficients, safety, safety_weights, recompress_rank=recompress_rank)
-    for item in tqdm(items, desc="compose", unit="module", disable=quiet(), leave=False,
-                     total=len(_module_names(_sources(utility, coefficients, safety)))):
-        merged_pairs[item.name] = (item.A, item.B)
-        report[item.name] = item.entry
-    modules, rank = _common_rank_modules(merged_pairs, report)
-    full = {}
-    for key, tensor, entry in iter_full_tensors(utility, coefficients, safety, safety_weights, base):
-        full[key] = tensor
-        report[key] = entry
-    merged = LoraAdapter(modules=modules, full_tensors=full, config={"r": rank, "lora_alpha": rank})
-    return merged, report
-
-
-def _common_rank_modules(
-    merged_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], report: dict[str, dict]
-) -> tuple[dict[str, LoraModule], int]:
-    """Zero-pad every merged ``(A, B)`` to one common rank (scale 1), so the output needs no rank pattern;
-    log how many modules were missing from some adapter. Returns the modules and the rank."""
-    _log_partial(report, len(merged_pairs))
-    rank = max((a.shape[0] for a, _ in merged_pairs.values()), default=0)
-    return {m: LoraModule(*pad_rank(A, B, rank), scale=1.0) for m, (A, B) in merged_pairs.items()}, rank
-
-
 def plan_dense(
     utility: Sequence[LoraAdapter],
     safety: LoraAdapter | None,
@@ -273,16 +229,25 @@ def plan_dense(
 
 
 def iter_dense(
-    method: DeltaMergeMethod,
+    method: DenseMethod,
     utility: Sequence[LoraAdapter],
     coefficients: Sequence[float],
     safety: LoraAdapter | None,
     safety_weights: dict[str, float],
-    options: Any,
+    params: Any,
+    seed: int,
     *,
     recompress_rank: int | None = None,
 ) -> Iterator[ComposedModule]:
-    """One module at a time (sorted), as described in :func:`compose_dense`; each input module is read once."""
+    """Run a dense method module by module over the union of modules (sorted), factoring each result back.
+
+    For module m: ``ΔW_Ui^m`` and ``ΔW_S^m`` in float64 from the factors (an adapter missing m contributes
+    nothing and is listed under ``absent_in``), ``ΔW^m = method.merge_module(...)``, then the best rank-R pair
+    by truncated SVD with ``R = recompress_rank`` or, by default, ``min(Σ ranks of the inputs present, d_out,
+    d_in)`` (the rank the exact task-arithmetic sum would have). The relative Frobenius error of that
+    truncation is ``recompression_rel_error`` (≈ 0 when ΔW^m has rank ≤ R, e.g. safe_lora and safemerge;
+    real for TIES/DARE/magnitude, whose pruned sums are full rank). Each input module is read once and only
+    one module's dense matrices are held at a time."""
     sources = [(label, a) for label, a, _ in _sources(utility, coefficients, safety)]
     for module in _module_names(_sources(utility, coefficients, safety)):
         read = {label: a.modules[module] for label, a in sources if module in a.modules}  # (lazy: read now)
@@ -295,7 +260,7 @@ def iter_dense(
         s_delta = read["safety"].delta(torch.float64) if "safety" in read else None
         if s_delta is not None:
             entry["safety_weight"] = safety_weights.get(module, 0.0)
-        dW, facts = method.merge_module(module, u_deltas, u_coefs, s_delta, safety_weights.get(module, 0.0), options)
+        dW, facts = method.merge_module(module, u_deltas, u_coefs, s_delta, safety_weights.get(module, 0.0), params, seed)
         rank_in = sum(lm.rank for lm in read.values())
         rank = recompress_rank if recompress_rank is not None else min(rank_in, *dW.shape)
         A, B, err = dense_to_lora(dW, rank)
@@ -304,33 +269,68 @@ def iter_dense(
         yield ComposedModule(module, A, B, entry)
 
 
-def compose_dense(
-    method: DeltaMergeMethod,
-    utility: Sequence[LoraAdapter],
-    coefficients: Sequence[float],
-    safety: LoraAdapter | None,
-    safety_weights: dict[str, float],
-    options: Any,
-    *,
-    recompress_rank: int | None = None,
-) -> tuple[LoraAdapter, dict]:
-    """Run a dense method module by module over the union of modules and factor each result back into LoRA.
+class MemorySink:
+    """Collects the merged modules in memory; :meth:`adapter` pads them to the common rank (scale 1)."""
 
-    For module m: ``ΔW_Ui^m`` and ``ΔW_S^m`` in float64 from the factors (an adapter missing m contributes
-    nothing and is listed under ``absent_in``), ``ΔW^m = method.merge_module(...)``, then the best rank-R pair
-    by truncated SVD with ``R = recompress_rank`` or, by default, ``min(Σ ranks of the inputs present, d_out,
-    d_in)`` (the rank the exact task-arithmetic sum would have). The relative Frobenius error of that
-    truncation is ``recompression_rel_error`` (≈ 0 when ΔW^m has rank ≤ R, e.g. safe_lora and safemerge;
-    real for TIES/DARE/magnitude, whose pruned sums are full rank). Only one module's dense matrices are held
-    at a time (:func:`iter_dense`); the factored results are collected here. Full-tensor entries
-    (modules_to_save) are refused by the caller.
-    """
-    merged_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, plan: ComposePlan) -> None:
+        self.plan = plan
+        self.pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.full: dict[str, torch.Tensor] = {}
+
+    def module(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        self.pairs[name] = (A, B)
+
+    def full_tensor(self, key: str, tensor: torch.Tensor) -> None:
+        self.full[key] = tensor
+
+    def adapter(self) -> LoraAdapter:
+        rank = self.plan.rank
+        modules = {m: LoraModule(*pad_rank(A, B, rank), scale=1.0) for m, (A, B) in self.pairs.items()}
+        return LoraAdapter(modules=modules, full_tensors=self.full, config={"r": rank, "lora_alpha": rank})
+
+
+class StreamSink:
+    """Writes each merged module, padded to the common rank, through an open
+    :class:`~sstmerge.io.adapter.AdapterStreamWriter` (whose header was declared from the same plan)."""
+
+    def __init__(self, plan: ComposePlan, writer: AdapterStreamWriter) -> None:
+        self.plan, self.writer = plan, writer
+
+    def module(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        self.writer.write_module(name, *pad_rank(A, B, self.plan.rank))
+
+    def full_tensor(self, key: str, tensor: torch.Tensor) -> None:
+        self.writer.write_full(key, tensor)
+
+
+def compose(output: MethodOutput, sink: MemorySink | StreamSink, *, desc: str = "merge",
+            timer: Any = None) -> dict[str, dict]:
+    """Drain a method's output into ``sink`` (modules in plan order, then full tensors); returns the per-module
+    report. A module whose rank differs from the plan is a bug in the method and raises."""
+    stage = timer.stage if timer is not None else (lambda name: _nullcontext())
     report: dict[str, dict] = {}
-    items = iter_dense(method, utility, coefficients, safety, safety_weights, options, recompress_rank=recompress_rank)
-    for item in tqdm(items, desc=method.name, unit="module", disable=quiet(), leave=False,
-                     total=len(_module_names(_sources(utility, coefficients, safety)))):
-        merged_pairs[item.name] = (item.A, item.B)
-        report[item.name] = item.entry
-    modules, rank = _common_rank_modules(merged_pairs, report)
-    return LoraAdapter(modules=modules, config={"r": rank, "lora_alpha": rank}), report
+    plan = output.plan
+    with tqdm(total=len(plan.shapes), desc=desc, unit="module", disable=quiet(), leave=False) as bar:
+        while True:
+            with stage("compose"):
+                item = next(output.modules, None)
+            if item is None:
+                break
+            if item.A.shape[0] != plan.ranks[item.name]:
+                raise RuntimeError(f"{item.name}: composed rank {item.A.shape[0]}, planned {plan.ranks[item.name]}")
+            with stage("write"):
+                sink.module(item.name, item.A, item.B)
+            report[item.name] = item.entry
+            bar.update(1)
+    _log_partial(report, len(plan.shapes))
+    for key, tensor, entry in output.full_tensors:
+        with stage("write"):
+            sink.full_tensor(key, tensor)
+        report[key] = entry
+    return report
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()

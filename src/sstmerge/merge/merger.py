@@ -1,8 +1,7 @@
-"""Orchestration: load + validate inputs, let the method plan S', compose, write with provenance.
-
-Two paths with the same result: :meth:`SSTMerger.merge` composes in memory (then :func:`save_merged_adapter`);
-:meth:`SSTMerger.merge_to` reads the inputs lazily and writes each merged module as it is composed (memory
-bounded by a few modules; the default of ``sst-merge merge``, and :func:`merge_utility_safety` with ``stream=True``).
+"""Orchestration: one path for every method. Claim the output, read and validate the inputs, let the method
+produce its modules (:meth:`~sstmerge.merge.method.MergeMethod.merge`), and let the one composer
+(:func:`~sstmerge.merge.compose.compose`) write them, streamed into the output folder (the default everywhere)
+or collected in memory, with the provenance report.
 """
 
 from __future__ import annotations
@@ -10,41 +9,30 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from .._logging import quiet
+from ..data.jsonl import BUNDLED_PREFIX, load_examples, resolve_data
 from ..errors import AdapterMismatchError, ConfigError, UnsupportedAdapterError
+from ..fisher.run import compute_fisher
 from ..io.adapter import AdapterStreamWriter, LoraAdapter, read_adapter, write_adapter
 from ..io.atomic import OutputClaim
 from ..io.hashing import model_files, sha256_file, sha256_files
 from ..io.models import BaseModelInfo, default_cache_dir, load_base_info
 from ..io.validate import validate_against_base, validate_consistent
-from ..data.jsonl import load_examples, resolve_data
-from ..fisher.run import compute_fisher
-from .baselines import DeltaMergeMethod
-from ..linalg.lowrank import pad_rank
-from .compose import (
-    _log_partial,
-    compose_adapters,
-    compose_dense,
-    iter_compose,
-    iter_dense,
-    iter_full_tensors,
-    plan_compose,
-    plan_dense,
-    utility_coefficients,
-)
-from .tables import PRESETS, WEIGHT_TABLES, load_table, module_type
-from .methods import METHODS, safety_weights
-from .options import MergeConfig, MergeOptions, build_config
-from .report import now_iso, plot_spectrum, summary_text, versions, write_report_files
+from .compose import MemorySink, StreamSink, compose, utility_coefficients
+from .config import flat_config, resolve_options
+from .method import MergeContext, MergeInputs, MergeMethod, method_class
+from .methods import safety_weights
+from .options import MergeConfig, MergeIO, MergeOptions
+from ..provenance import now_iso, versions
+from .report import plot_spectrum, summary_text, write_report_files
+from .tables import WEIGHT_TABLES, load_table, module_type
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +43,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class MergeResult:
-    """A merged adapter plus its report. From :meth:`SSTMerger.merge` the adapter is in memory (write it with
-    :func:`save_merged_adapter`); from :meth:`SSTMerger.merge_to` it is the written folder, opened lazily.
-    ``path`` is the written folder (None until written)."""
+    """A merged adapter plus its report. From :meth:`SSTMerger.merge` the adapter is in memory (full precision;
+    write it with :func:`save_merged_adapter`); from :meth:`SSTMerger.merge_to` it is the written folder,
+    opened lazily. ``path`` is the written folder (None until written)."""
 
     adapter: LoraAdapter
     report: dict[str, Any]
@@ -68,16 +56,13 @@ class MergeResult:
 
 
 @dataclass
-class _Inputs:
+class _Prepared:
     """Validated inputs of one merge (see :meth:`SSTMerger._prepare`)."""
 
-    opts: MergeOptions
-    method: Any
-    dense: bool
-    base: BaseModelInfo | None
-    utility: list[LoraAdapter]
-    safety: LoraAdapter | None
-    coefficients: list[float]
+    options: MergeOptions
+    method: MergeMethod
+    inputs: MergeInputs
+    layer_table: dict | None
     warnings: list[str]
 
 
@@ -124,29 +109,25 @@ def _describe(adapter: LoraAdapter) -> dict[str, Any]:
 class SSTMerger:
     """Merge utility LoRA adapters with a safety adapter.
 
-    >>> merger = SSTMerger(base="smollm2", mode="direct", safety_weight=1.0)       # doctest: +SKIP
-    >>> result = merger.merge(["runs/utility"], "runs/safety")                     # doctest: +SKIP
-    >>> save_merged_adapter(result, "runs/merged")                                  # doctest: +SKIP
+    >>> merger = SSTMerger(base="smollm2", mode="residual", residual_ratio=0.5)     # doctest: +SKIP
+    >>> result = merger.merge_to(["runs/utility"], "runs/safety", "runs/merged")    # doctest: +SKIP
 
-    ``k`` and ``residual_ratio`` configure the Fisher-subspace modes; ``mode`` picks the method
-    (``sst-merge methods`` lists them).
+    Options are flat keys (``mode`` and the method's parameters, the common options, the Fisher settings;
+    `sst-merge methods` lists them), resolved once into :attr:`options`; or pass a resolved ``options``.
     """
 
     def __init__(
         self,
         base: str | Path | BaseModelInfo | None = "smollm2",
         *,
-        mode: str = "direct",
-        k: int = 10,
-        residual_ratio: float = 0.7,
-        safety_weight: float = 1.0,
+        options: MergeOptions | None = None,
         allow_pickle: bool = False,
         cache_dir: str | Path | None = None,
-        **options: Any,
+        **flat_options: Any,
     ) -> None:
-        self.options = build_config(
-            dict(mode=mode, k=k, residual_ratio=residual_ratio, safety_weight=safety_weight, **options), "SSTMerger"
-        ).options()
+        if options is not None and flat_options:
+            raise ConfigError(f"give either options= or option keys, not both ({sorted(flat_options)})")
+        self.options = options if options is not None else resolve_options(flat_options, "SSTMerger")
         self.base_spec = base
         self.allow_pickle = allow_pickle
         self.cache_dir = cache_dir
@@ -156,48 +137,15 @@ class SSTMerger:
     def mode(self) -> str:
         return self.options.mode
 
-    @property
-    def k(self) -> int:
-        return self.options.k
-
-    @property
-    def residual_ratio(self) -> float:
-        return self.options.residual_ratio
-
     def base_info(self) -> BaseModelInfo | None:
         if self._base is None and self.base_spec is not None:
             self._base = load_base_info(self.base_spec, self.cache_dir)
         return self._base
 
-    @staticmethod
-    def _validate_fisher_inputs(opts: MergeOptions, base: BaseModelInfo | None, safety: LoraAdapter | None,
-                                types: set[str]) -> None:
-        """Everything a Fisher-based mode needs, checked before any model runs."""
-        if safety is None:
-            raise ConfigError(f"mode {opts.mode!r} projects the safety adapter: pass --safety")
-        if base is None:
-            raise ConfigError(f"mode {opts.mode!r} runs the base model for the Fisher: pass --base")
-        if not safety.modules:
-            raise AdapterMismatchError(f"{safety.name}: the safety adapter has no LoRA modules to project")
-        load_examples(resolve_data(opts.harmful_data), max_samples=opts.max_samples, seed=opts.seed)
-        load_examples(resolve_data(opts.benign_data), max_samples=opts.max_samples, seed=opts.seed)
-        if opts.mode == "layerwise":
-            load_table(opts.preset, PRESETS, lo=0.0, hi=1.0, known_types=types)
-
-    @staticmethod
-    def _refuse_full_tensors(opts: MergeOptions, adapters: Sequence[LoraAdapter]) -> None:
-        """Dense modes merge LoRA modules only; a modules_to_save copy would be dropped or misread otherwise."""
-        for adapter in adapters:
-            if adapter.full_tensors:
-                raise UnsupportedAdapterError(
-                    f"{adapter.name}: mode {opts.mode!r} merges the LoRA modules' dense updates and does not handle "
-                    f"modules_to_save tensors ({sorted(adapter.full_tensors)}); use mode 'direct' (it merges them as "
-                    "differences from the base weight) or an adapter trained without modules_to_save"
-                )
-
-    def _prepare(self, utility, safety, timer: _Timer, *, lazy: bool) -> _Inputs:
+    # ---------------------------------------------------------------------------------------- preparation
+    def _prepare(self, utility, safety, timer: _Timer, *, lazy: bool) -> _Prepared:
         """Check the options, read the adapters (headers only with ``lazy``) and validate them; nothing heavy."""
-        opts: MergeOptions = self.options
+        opts = self.options
         if isinstance(utility, (str, Path, LoraAdapter)):
             utility = [utility]
         if not utility and safety is None:
@@ -206,8 +154,7 @@ class SSTMerger:
             raise ConfigError(
                 f"utility_weights has {len(opts.utility_weights)} values for {len(utility)} utility adapters; give one per adapter"
             )
-        method = METHODS.get(opts.mode)()
-        dense = isinstance(method, DeltaMergeMethod)
+        method = method_class(opts.mode)()
         if method.needs_safety and safety is None:
             raise ConfigError(f"mode {opts.mode!r} compares or projects against the safety adapter: pass --safety S")
         warnings: list[str] = []
@@ -225,45 +172,160 @@ class SSTMerger:
                 validate_consistent(everything)
             types = {module_type(m) for a in everything for m in list(a.specs) + list(a.full_shapes)}
             if method.needs_fisher:
-                self._validate_fisher_inputs(opts, base, safety_adapter, types)
+                self._validate_fisher_inputs(opts, base, safety_adapter)
             if opts.layer_weights is not None:
                 load_table(opts.layer_weights, WEIGHT_TABLES, known_types=types)
-            if dense:
+            if method.dense:
                 self._refuse_full_tensors(opts, everything)
+            full_rank = max((min(spec.shape) for a in everything for spec in a.specs.values()), default=None)
+            if opts.recompress_rank is not None and full_rank is not None and opts.recompress_rank > full_rank:
+                warnings.append(f"recompress_rank {opts.recompress_rank} exceeds the full rank of every module "
+                                f"(largest min(d_out, d_in) = {full_rank}); using {full_rank}")
+                log.warning(warnings[-1])
+                opts = opts.model_copy(update={"recompress_rank": full_rank})
         if method.needs_fisher and safety_adapter is not None:
             # the Fisher pass and the projection read the safety adapter many times: one adapter, held in memory
             with timer.stage("load_inputs"):
                 safety_adapter = safety_adapter.materialize()
-        full_rank = max((min(spec.shape) for a in everything for spec in a.specs.values()), default=None)
-        if opts.recompress_rank is not None and full_rank is not None and opts.recompress_rank > full_rank:
-            warnings.append(f"recompress_rank {opts.recompress_rank} exceeds the full rank of every module "
-                            f"(largest min(d_out, d_in) = {full_rank}); using {full_rank}")
-            log.warning(warnings[-1])
-            opts = opts.model_copy(update={"recompress_rank": full_rank})
         coefficients = utility_coefficients(len(utility_adapters), opts.utility_coefficients, opts.utility_weights)
-        return _Inputs(opts, method, dense, base, utility_adapters, safety_adapter, coefficients, warnings)
+        weights, table = safety_weights(safety_adapter, opts)
+        inputs = MergeInputs(utility=tuple(utility_adapters), coefficients=tuple(coefficients), safety=safety_adapter,
+                             safety_weights=weights, base=base)
+        with timer.stage("validate"):
+            warnings += method.validate(inputs, opts)
+        return _Prepared(opts, method, inputs, table, warnings)
 
-    def _plan_safety(self, inp: _Inputs, timer: _Timer) -> tuple[LoraAdapter | None, dict[str, float], dict[str, Any]]:
-        """S', w^m and the method's report (task-arithmetic modes; may run the Fisher pass)."""
+    @staticmethod
+    def _validate_fisher_inputs(opts: MergeOptions, base: BaseModelInfo | None, safety: LoraAdapter | None) -> None:
+        """Everything a Fisher-based method needs, checked before any model runs."""
+        if safety is None:
+            raise ConfigError(f"mode {opts.mode!r} projects the safety adapter: pass --safety")
+        if base is None:
+            raise ConfigError(f"mode {opts.mode!r} runs the base model for the Fisher: pass --base")
+        if not safety.specs:
+            raise AdapterMismatchError(f"{safety.name}: the safety adapter has no LoRA modules to project")
+        load_examples(resolve_data(opts.fisher.harmful_data), max_samples=opts.fisher.max_samples, seed=opts.seed)
+        load_examples(resolve_data(opts.fisher.benign_data), max_samples=opts.fisher.max_samples, seed=opts.seed)
 
-        def fisher_provider():
+    @staticmethod
+    def _refuse_full_tensors(opts: MergeOptions, adapters: Sequence[LoraAdapter]) -> None:
+        """Dense methods merge LoRA modules only; a modules_to_save copy would be dropped or misread otherwise."""
+        for adapter in adapters:
+            if adapter.full_shapes:
+                raise UnsupportedAdapterError(
+                    f"{adapter.name}: mode {opts.mode!r} merges the LoRA modules' dense updates and does not handle "
+                    f"modules_to_save tensors ({sorted(adapter.full_shapes)}); use mode 'direct' (it merges them as "
+                    "differences from the base weight) or an adapter trained without modules_to_save"
+                )
+
+    def _context(self, prep: _Prepared, timer: _Timer) -> MergeContext:
+        inp = prep.inputs
+
+        def fisher():
             with timer.stage("fisher"):
-                return compute_fisher(inp.base, inp.utility, inp.coefficients, inp.safety, inp.opts.fisher_settings(),
-                                      self.cache_dir)
+                return compute_fisher(inp.base, list(inp.utility), list(inp.coefficients), inp.safety,
+                                      prep.options.fisher, self.cache_dir)
 
-        with timer.stage("plan_safety"):
-            if inp.safety is None:
-                return None, {}, {}
-            context = {"base": inp.base, "utility": inp.utility, "fisher": fisher_provider}
-            plan = inp.method.plan_safety(inp.safety, inp.opts, context)
-            return plan.safety, plan.weights, plan.report
+        return MergeContext(fisher=fisher if prep.method.needs_fisher else None)
 
-    def _dense_weights(self, inp: _Inputs) -> tuple[dict[str, float], dict | None]:
-        return safety_weights(inp.safety, inp.opts) if inp.safety is not None else ({}, None)
+    # ---------------------------------------------------------------------------------------- merging
+    def merge(
+        self,
+        utility: Sequence[LoraAdapter | str | Path],
+        safety: LoraAdapter | str | Path | None,
+        *,
+        config: MergeConfig | None = None,
+    ) -> MergeResult:
+        """Validate everything, then compute the merged adapter in memory at full precision (nothing is written
+        here; see :func:`save_merged_adapter`, or :meth:`merge_to`)."""
+        timer = _Timer()
+        prep = self._prepare(utility, safety, timer, lazy=False)
+        with timer.stage("method"):
+            output = prep.method.merge(prep.inputs, prep.options, self._context(prep, timer))
+        sink = MemorySink(output.plan)
+        module_report = compose(output, sink, desc=prep.options.mode, timer=timer)
+        merged = sink.adapter()
+        base = prep.inputs.base
+        merged.config["base_model_name_or_path"] = str(base.spec) if base is not None else None
+        report = self._report(prep, config, timer, module_report=module_report,
+                              method_report=output.report(module_report), rank_out=output.plan.rank,
+                              n_modules=len(output.plan.shapes), full_keys=list(output.plan.full_shapes), stream=False)
+        return MergeResult(adapter=merged, report=report, base=base, config=config, timings=timer.timings)
 
+    def merge_to(
+        self,
+        utility: Sequence[LoraAdapter | str | Path],
+        safety: LoraAdapter | str | Path | None,
+        out: str | Path,
+        *,
+        overwrite: bool = False,
+        config: MergeConfig | None = None,
+        stream: bool = True,
+    ) -> MergeResult:
+        """Merge into the PEFT folder ``out`` (atomically): by default streamed, one module at a time; with
+        ``stream=False`` built in memory first (:meth:`merge`, then :func:`save_merged_adapter`). The files are
+        byte-identical either way; the report files differ in ``config.stream``, ``created`` and ``timings``.
+
+        Streaming reads the inputs lazily (headers now, each module when it is composed) and declares the
+        safetensors header from the method's plan (the common rank R, every key's shape), so memory stays at
+        a few modules' tensors plus what the method itself needs (the Fisher methods hold the safety adapter
+        and the base model). The output folder is claimed before any work
+        (:class:`~sstmerge.io.atomic.OutputClaim`: never an input or the current directory; ``overwrite``
+        replaces only an earlier sstmerge output; a concurrent writer of the same folder fails at once).
+
+        Returns the report and, as ``adapter``, the written adapter opened lazily (tensors in the output dtype)
+        when streamed, the in-memory adapter otherwise.
+        """
+        if isinstance(utility, (str, Path, LoraAdapter)):
+            utility = [utility]
+        with OutputClaim(out, overwrite=overwrite, inputs=self.input_paths(utility, safety), kind="merge") as claim:
+            if not stream:
+                result = self.merge(utility, safety, config=config)
+                save_merged_adapter(result, claim.dest, claim=claim)
+                return result
+            timer = _Timer()
+            prep = self._prepare(utility, safety, timer, lazy=True)
+            with timer.stage("method"):
+                output = prep.method.merge(prep.inputs, prep.options, self._context(prep, timer))
+            plan, base = output.plan, prep.inputs.base
+            with claim.write() as tmp:
+                with timer.stage("write"):
+                    writer = AdapterStreamWriter(
+                        tmp, plan.shapes, plan.rank, plan.full_shapes, dtype=_DTYPES[prep.options.dtype],
+                        base_model_name_or_path=str(base.spec) if base is not None else None,
+                        all_linear_names=list(base.linear_shapes) if base is not None else None,
+                    )
+                with writer:
+                    module_report = compose(output, StreamSink(plan, writer), desc=f"{prep.options.mode} (streaming)",
+                                            timer=timer)
+                report = self._report(prep, config, timer, module_report=module_report,
+                                      method_report=output.report(module_report), rank_out=plan.rank,
+                                      n_modules=len(plan.shapes), full_keys=list(plan.full_shapes), stream=True)
+                _finish_folder(tmp, report, claim.dest)
+        log.info("wrote merged adapter to %s (rank %s)", claim.dest, report["output"]["rank"])
+        return MergeResult(adapter=read_adapter(claim.dest, lazy=True), report=report, base=base, config=config,
+                           timings=timer.timings, path=claim.dest)
+
+    def input_paths(self, utility, safety) -> list[Path]:
+        """Every file or folder this merge reads (an output may never be or hold one of them)."""
+        items = list(utility if isinstance(utility, (list, tuple)) else [utility]) + [safety]
+        paths = [i.path if isinstance(i, LoraAdapter) else i for i in items if i is not None]
+        if isinstance(self.base_spec, BaseModelInfo):
+            paths.append(self.base_spec.path)
+        elif self.base_spec is not None:
+            paths.append(self.base_spec)  # an alias (smollm2) is no path and is skipped by the claim
+        opts = self.options
+        if method_class(opts.mode).needs_fisher:
+            paths += [d for d in (opts.fisher.harmful_data, opts.fisher.benign_data)
+                      if not str(d).startswith(BUNDLED_PREFIX)]
+        paths += [t for t in (getattr(opts.params, "preset", None), opts.layer_weights) if t is not None]
+        paths.append(self.cache_dir if self.cache_dir is not None else default_cache_dir())
+        return [Path(str(p)) for p in paths if p is not None]
+
+    # ---------------------------------------------------------------------------------------- report
     def _report(
         self,
-        inp: _Inputs,
+        prep: _Prepared,
         config: MergeConfig | None,
         timer: _Timer,
         *,
@@ -276,7 +338,8 @@ class SSTMerger:
     ) -> dict[str, Any]:
         """The merge report (merge_report.json), identical for the in-memory and the streaming path except
         ``config.stream``, ``created`` and ``timings``."""
-        opts, base, warnings = inp.opts, inp.base, list(inp.warnings)
+        opts, inp, warnings = prep.options, prep.inputs, list(prep.warnings)
+        base = inp.base
         if full_keys:
             warnings.append("the merged adapter carries modules_to_save tensors "
                             f"({sorted(full_keys)}): PEFT loads it, vLLM refuses adapters with modules_to_save")
@@ -288,18 +351,21 @@ class SSTMerger:
             if "vLLM" in w:
                 log.warning(w)
         errors = [e["recompression_rel_error"] for e in module_report.values() if "recompression_rel_error" in e]
-        resolved = (config or MergeConfig(**opts.model_dump())).model_dump()
-        resolved.update(opts.model_dump())  # values resolved during validation (e.g. a capped recompress_rank)
+        io = config.io if config is not None else MergeIO()
+        resolved = flat_config(MergeConfig(io=io, options=opts))  # the resolved options (e.g. a capped rank)
         resolved.update({"base": _abs(base.spec) if base is not None else None,
                          "utility": [_abs(a.path) for a in inp.utility],
                          "safety": _abs(inp.safety.path) if inp.safety is not None else None,
-                         "harmful_data": _abs(opts.harmful_data), "benign_data": _abs(opts.benign_data),
-                         "preset": _abs(opts.preset),
                          "layer_weights": _abs(opts.layer_weights) if opts.layer_weights is not None else None,
                          "cache_dir": _abs(self.cache_dir) if self.cache_dir is not None else None,
                          "stream": stream})
+        for key in ("harmful_data", "benign_data", "preset"):
+            if key in resolved:
+                resolved[key] = _abs(resolved[key])
+        if prep.layer_table is not None:
+            method_report = {**method_report, "layer_weights": prep.layer_table}
         return {
-            "sstmerge_report_version": 1,
+            "sstmerge_report_version": 2,
             "created": now_iso(),
             "command": sys.argv if Path(sys.argv[0]).name == "sst-merge" else None,
             "config": resolved,
@@ -325,146 +391,6 @@ class SSTMerger:
             "warnings": warnings,
             "timings": timer.timings,
         }
-
-    def merge(
-        self,
-        utility: Sequence[LoraAdapter | str | Path],
-        safety: LoraAdapter | str | Path | None,
-        *,
-        config: MergeConfig | None = None,
-    ) -> MergeResult:
-        """Validate everything, then compute the merged adapter in memory (nothing is written here; see
-        :func:`save_merged_adapter`, or :meth:`merge_to` to merge straight to disk in bounded memory)."""
-        timer = _Timer()
-        inp = self._prepare(utility, safety, timer, lazy=False)
-        if inp.dense:
-            with timer.stage("compose"):
-                weights, table = self._dense_weights(inp)
-                merged, module_report = compose_dense(inp.method, inp.utility, inp.coefficients, inp.safety, weights,
-                                                      inp.opts, recompress_rank=inp.opts.recompress_rank)
-            method_report = {**inp.method.describe(inp.opts), **inp.method.summarize(module_report),
-                             **({"layer_weights": table} if table else {})}
-        else:
-            safety_used, weights, method_report = self._plan_safety(inp, timer)
-            with timer.stage("compose"):
-                merged, module_report = compose_adapters(
-                    inp.utility, inp.coefficients, safety_used, weights, base=inp.base,
-                    recompress_rank=inp.opts.recompress_rank,
-                )
-        merged.config["base_model_name_or_path"] = str(inp.base.spec) if inp.base is not None else None
-        report = self._report(inp, config, timer, module_report=module_report, method_report=method_report,
-                              rank_out=max((m.rank for m in merged.modules.values()), default=0),
-                              n_modules=len(merged.modules), full_keys=list(merged.full_tensors), stream=False)
-        return MergeResult(adapter=merged, report=report, base=inp.base, config=config, timings=timer.timings)
-
-    def merge_to(
-        self,
-        utility: Sequence[LoraAdapter | str | Path],
-        safety: LoraAdapter | str | Path | None,
-        out: str | Path,
-        *,
-        overwrite: bool = False,
-        config: MergeConfig | None = None,
-        stream: bool = True,
-    ) -> MergeResult:
-        """Merge straight into the PEFT folder ``out`` (atomically), one module at a time (``stream=False``:
-        :meth:`merge` in memory, then :func:`save_merged_adapter`; same files).
-
-        The inputs are read lazily (headers now, each module when it is composed), the output layout (the
-        common rank R, every key's shape) comes from :func:`~sstmerge.merge.compose.plan_compose` /
-        :func:`~sstmerge.merge.compose.plan_dense`, so the safetensors header is written first and each merged
-        module (zero-padded to R, cast to the output dtype) is appended as it is produced. Memory: a few
-        modules' tensors, independent of the adapters' size, plus what the method itself needs (the Fisher
-        modes hold the safety adapter and the base model). The adapter files are byte-identical to what
-        :meth:`merge` followed by :func:`save_merged_adapter` writes, and the report files (merge_report.json/.txt,
-        merge_config.yaml) have the same content except ``config.stream``, ``created`` and ``timings``.
-
-        Returns the report and, as ``adapter``, the written adapter opened lazily (tensors in the output dtype).
-        The output folder is claimed before any work (:class:`~sstmerge.io.atomic.OutputClaim`: never an input or
-        the current directory; ``overwrite`` replaces only an earlier sstmerge output; a concurrent writer of the
-        same folder fails at once).
-        """
-        if isinstance(utility, (str, Path, LoraAdapter)):
-            utility = [utility]
-        with OutputClaim(out, overwrite=overwrite, inputs=self.input_paths(utility, safety), kind="merge") as claim:
-            if stream:
-                return self._merge_to(utility, safety, claim, config)
-            result = self.merge(utility, safety, config=config)
-            save_merged_adapter(result, claim.dest, claim=claim)
-            return result
-
-    def _merge_to(self, utility, safety, claim: OutputClaim, config: MergeConfig | None) -> MergeResult:
-        timer = _Timer()
-        inp = self._prepare(utility, safety, timer, lazy=True)
-        opts = inp.opts
-        if inp.dense:
-            weights, table = self._dense_weights(inp)
-            plan = plan_dense(inp.utility, inp.safety, recompress_rank=opts.recompress_rank)
-            modules = iter_dense(inp.method, inp.utility, inp.coefficients, inp.safety, weights, opts,
-                                 recompress_rank=opts.recompress_rank)
-            fulls: Iterator = iter(())
-        else:
-            safety_used, weights, method_report = self._plan_safety(inp, timer)
-            plan = plan_compose(inp.utility, inp.coefficients, safety_used, weights, base=inp.base,
-                                recompress_rank=opts.recompress_rank)
-            modules = iter_compose(inp.utility, inp.coefficients, safety_used, weights,
-                                   recompress_rank=opts.recompress_rank)
-            fulls = iter_full_tensors(inp.utility, inp.coefficients, safety_used, weights, inp.base)
-        base, dtype = inp.base, _DTYPES[opts.dtype]
-        module_report: dict[str, dict] = {}
-        with claim.write() as tmp:
-            with timer.stage("write"):
-                writer = AdapterStreamWriter(
-                    tmp, plan.shapes, plan.rank, plan.full_shapes, dtype=dtype,
-                    base_model_name_or_path=str(base.spec) if base is not None else None,
-                    all_linear_names=list(base.linear_shapes) if base is not None else None,
-                )
-            bar = tqdm(total=len(plan.shapes), desc=f"{opts.mode} (streaming)", unit="module", disable=quiet(),
-                       leave=False)
-            with writer, bar:
-                while True:
-                    with timer.stage("compose"):
-                        item = next(modules, None)
-                    if item is None:
-                        break
-                    if item.A.shape[0] != plan.ranks[item.name]:  # the plan and the composition disagree: a bug
-                        raise RuntimeError(f"{item.name}: composed rank {item.A.shape[0]}, planned {plan.ranks[item.name]}")
-                    with timer.stage("write"):
-                        writer.write_module(item.name, *pad_rank(item.A, item.B, plan.rank))
-                    module_report[item.name] = item.entry
-                    bar.update(1)
-                _log_partial(module_report, len(plan.shapes))
-                for key, tensor, entry in fulls:
-                    with timer.stage("write"):
-                        writer.write_full(key, tensor)
-                    module_report[key] = entry
-            if inp.dense:
-                method_report = {**inp.method.describe(opts), **inp.method.summarize(module_report),
-                                 **({"layer_weights": table} if table else {})}
-            report = self._report(inp, config, timer, module_report=module_report, method_report=method_report,
-                                  rank_out=plan.rank, n_modules=len(plan.shapes), full_keys=list(plan.full_shapes),
-                                  stream=True)
-            _finish_folder(tmp, report, claim.dest)
-        final = claim.dest
-        log.info("wrote merged adapter to %s (rank %s)", final, report["output"]["rank"])
-        return MergeResult(adapter=read_adapter(final, lazy=True), report=report, base=base, config=config,
-                           timings=timer.timings, path=final)
-
-    def input_paths(self, utility, safety) -> list[Path]:
-        """Every file or folder this merge reads (an output may never be or hold one of them)."""
-        from ..data.jsonl import BUNDLED_PREFIX
-
-        items = list(utility if isinstance(utility, (list, tuple)) else [utility]) + [safety]
-        paths = [i.path if isinstance(i, LoraAdapter) else i for i in items if i is not None]
-        if isinstance(self.base_spec, BaseModelInfo):
-            paths.append(self.base_spec.path)
-        elif self.base_spec is not None:
-            paths.append(self.base_spec)  # an alias (smollm2) is no path and is skipped by the claim
-        opts = self.options
-        paths += [d for d in (opts.harmful_data, opts.benign_data) if not str(d).startswith(BUNDLED_PREFIX)]
-        paths += [t for t in (opts.preset, opts.layer_weights) if t is not None]
-        paths.append(self.cache_dir if self.cache_dir is not None else default_cache_dir())
-        return [Path(str(p)) for p in paths if p is not None]
 
 
 def _finish_folder(tmp: Path, report: dict[str, Any], out: str | Path) -> None:
@@ -517,17 +443,17 @@ def merge_utility_safety(
     out: str | Path | None = None,
     *,
     overwrite: bool = False,
-    stream: bool = False,
+    stream: bool = True,
     **options: Any,
 ) -> MergeResult:
     """One call: merge ``utility`` adapters with ``safety`` on ``base``; write to ``out`` if given.
 
-    ``options`` are :class:`~sstmerge.merge.options.MergeOptions` fields (mode, safety_weight, k, ...) plus
-    ``allow_pickle`` and ``cache_dir``. By default the merged adapter is built in memory and ``result.adapter``
-    holds it at full precision (float32, float64 for dense modes), then it is written. With ``out`` and
-    ``stream=True`` it is written module by module instead (:meth:`SSTMerger.merge_to`: memory bounded by a
-    few modules, the same files; the default of ``sst-merge merge``) and ``result.adapter`` reads the written
-    adapter lazily, in the output dtype.
+    ``options`` are flat option keys (``mode``, the method's parameters such as ``k`` or ``density``, the common
+    options, the Fisher settings; ``sst-merge methods`` lists them) plus ``allow_pickle`` and ``cache_dir``.
+    Without ``out`` the merged adapter is built in memory at full precision (``result.adapter``). With ``out``
+    it is written module by module (:meth:`SSTMerger.merge_to`; memory bounded by a few modules) and
+    ``result.adapter`` reads the written adapter lazily, in the output dtype; ``stream=False`` builds it in
+    memory first (same files, ``result.adapter`` at full precision). Streaming is the default everywhere.
     """
     allow_pickle = options.pop("allow_pickle", False)
     cache_dir = options.pop("cache_dir", None)

@@ -1,94 +1,103 @@
-"""Merge methods: two small interfaces + one explicit registry.
+"""The built-in task-arithmetic methods: ``direct`` and the Fisher-subspace modes (``residual``, ``layerwise``,
+``fisher_mask``). Importing this module registers them and the dense baselines (:mod:`.baselines`).
 
-A :class:`MergeMethod` decides the *projected safety adapter* S' and the per-module safety weight w^m;
-composition (``ΔW^m = Σ_i c_i ΔW_Ui^m + w^m ΔW_S'^m``, exact by rank concatenation) is shared and lives in
-:mod:`sstmerge.merge.compose`. ``w^m = safety_weight × layer_weights[type(m)]`` (table optional, any mode).
-A :class:`~sstmerge.merge.baselines.DeltaMergeMethod` (TIES, DARE, magnitude, Safe LoRA, SafeMERGE) instead
-merges the dense updates module by module (:func:`sstmerge.merge.compose.compose_dense`).
+Each is a :class:`~sstmerge.merge.method.TaskArithmeticMethod`: its ``transform`` returns the inputs with the
+safety adapter replaced by S' (the projected blend) and the per-module weights ``w^m``; composition
+``ΔW^m = Σ_i c_i ΔW_Ui^m + w^m ΔW_S'^m`` (exact, rank concatenation) is shared.
 """
 
 from __future__ import annotations
 
 import logging
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from abc import abstractmethod
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from ..errors import FisherError
 from ..io.adapter import LoraAdapter, LoraModule
 from ..linalg.projection import layerwise_blend
-from ..registry import Registry
-from .baselines import BASELINES, DeltaMergeMethod
-from .tables import PRESETS, WEIGHT_TABLES, load_table, lookup
-
-if TYPE_CHECKING:
-    from .options import MergeOptions
+from . import baselines  # noqa: F401 - registers the dense baselines
+from .method import METHODS, MergeContext, MergeInputs, TaskArithmeticMethod, register_method
+from .options import MergeOptions, MethodParams
+from .tables import PRESETS, WEIGHT_TABLES, load_table, lookup, module_type
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class SafetyPlan:
-    """What a method hands to composition: S', the weight per module, and facts for the report."""
-
-    safety: LoraAdapter
-    weights: dict[str, float]  # module or full-tensor key -> w^m
-    report: dict[str, Any] = field(default_factory=dict)
+__all__ = ["METHODS", "DirectMerge", "ResidualMerge", "LayerwiseMerge", "FisherMaskMerge", "safety_weights"]
 
 
-def safety_weights(safety: LoraAdapter, options: MergeOptions) -> tuple[dict[str, float], dict | None]:
+def safety_weights(safety: LoraAdapter | None, options: MergeOptions) -> tuple[dict[str, float], dict | None]:
     """``w^m = safety_weight × table[type(m)]`` for every module and full tensor of ``safety``."""
-    keys = list(safety.modules) + list(safety.full_tensors)
+    if safety is None:
+        return {}, None
+    keys = list(safety.specs) + list(safety.full_shapes)
     if options.layer_weights is None:
         return {k: options.safety_weight for k in keys}, None
     table = load_table(options.layer_weights, WEIGHT_TABLES)
     return {k: options.safety_weight * lookup(table, k, "layer_weights") for k in keys}, table
 
 
-class MergeMethod(ABC):
-    """Interface of a merge method."""
-
-    name: ClassVar[str]
-    needs_fisher: ClassVar[bool] = False
-    needs_safety: ClassVar[bool] = False
-
-    @abstractmethod
-    def plan_safety(self, safety: LoraAdapter, options: MergeOptions, context: dict[str, Any]) -> SafetyPlan:
-        """Return S' and w^m for every module / full tensor of ``safety``."""
-
-
-class DirectMerge(MergeMethod):
-    """Task arithmetic: S' = S, w^m = safety_weight (× layer_weights). No Fisher needed."""
+@register_method
+class DirectMerge(TaskArithmeticMethod):
+    """Task arithmetic: Σ c_i ΔW_Ui + w ΔW_S (w = safety_weight × layer_weights). No Fisher needed."""
 
     name = "direct"
 
-    def plan_safety(self, safety: LoraAdapter, options: MergeOptions, context: dict[str, Any]) -> SafetyPlan:
-        weights, table = safety_weights(safety, options)
-        return SafetyPlan(safety=safety, weights=weights, report={"layer_weights": table} if table else {})
+
+class SubspaceParams(MethodParams):
+    """Parameters of the Fisher-subspace modes."""
+
+    k: int = Field(10, ge=1, description="dimension of the safety subspace")
+    scope: Literal["global", "per_module"] = Field("global", description="one subspace over all modules, or one per module")
+    clamp_k: bool = Field(False, description="if k exceeds the available rank, use the rank (recorded) instead of failing")
+    damping: float = Field(1e-3, gt=0, description="relative damping ε: δ = ε · tr(F_benign) / D")
+    fisher: Literal["empirical", "diagonal"] = Field(
+        "empirical", description="Fisher estimator: empirical (exact low-rank) or diagonal (a coordinate mask)")
 
 
-class _SubspaceMerge(MergeMethod):
+class ResidualParams(SubspaceParams):
+    residual_ratio: float = Field(
+        0.7, ge=0.0, le=1.0, description="φ' = (1-r)·Pφ + r·φ; 1 = direct, 0 = full projection")
+
+
+class LayerwiseParams(SubspaceParams):
+    preset: str = Field(
+        "balanced", description="projection strengths per module type (safety_first, balanced, utility_first, "
+        "minimal) or a YAML file {q_proj: 0.3, ..., default: 0.5}")
+
+
+class FisherMaskParams(MethodParams):
+    k: int = Field(10, ge=1, description="number of coordinates kept (top F_harm/F_benign ratios)")
+    scope: Literal["global", "per_module"] = Field("global", description="one mask over all modules, or one per module")
+    clamp_k: bool = Field(False, description="if k exceeds the coordinates with a positive ratio, use those instead of failing")
+    damping: float = Field(1e-3, gt=0, description="relative damping ε: δ = ε · Σ diag(F_benign) / D")
+    residual_ratio: float = Field(0.7, ge=0.0, le=1.0, description="φ' = (1-r)·mask(φ) + r·φ")
+
+
+class _SubspaceMerge(TaskArithmeticMethod):
     """Shared part of the Fisher-subspace modes: P φ from the Fisher pass, then a per-module blend."""
 
     needs_fisher = True
     needs_safety = True
 
-    def estimator(self, options: MergeOptions) -> str:
-        """Fisher estimator used for P φ: ``options.fisher`` unless the method forces one."""
-        return options.fisher
+    def estimator(self, params: Any) -> str:
+        """Fisher estimator used for P φ: ``params.fisher`` unless the method forces one."""
+        return params.fisher
 
     @abstractmethod
-    def strength(self, module: str, options: MergeOptions) -> float:
+    def strength(self, module: str, params: Any) -> float:
         """Projection strength σ_m ∈ [0, 1]: φ'_m = (1 − σ_m) φ_m + σ_m P φ_m."""
 
-    def describe(self, options: MergeOptions) -> dict[str, Any]:
+    def describe(self, params: Any) -> dict[str, Any]:
         return {}
 
-    def plan_safety(self, safety: LoraAdapter, options: MergeOptions, context: dict[str, Any]) -> SafetyPlan:
+    def transform(self, inputs: MergeInputs, options: MergeOptions, ctx: MergeContext) -> tuple[MergeInputs, dict]:
         from ..fisher.point import flat_phi
         from .subspace import project_safety_from_cache
+
+        safety, params = inputs.safety, options.params
 
         zero = [m for m, lm in safety.modules.items() if float(lm.delta().abs().max()) == 0.0]
         if len(zero) == len(safety.modules):
@@ -97,12 +106,12 @@ class _SubspaceMerge(MergeMethod):
                 "there is nothing to project"
             )
         phi = flat_phi(safety)
-        estimator = self.estimator(options)
-        run, proj = project_safety_from_cache(context["fisher"], phi, k=options.k, scope=options.scope,  # cached
-                                              estimator=estimator, eps=options.damping, clamp_k=options.clamp_k)
+        estimator = self.estimator(params)
+        run, proj = project_safety_from_cache(ctx.fisher, phi, k=params.k, scope=params.scope,  # cached
+                                              estimator=estimator, eps=params.damping, clamp_k=params.clamp_k)
         modules, kept = {}, {}
         for m, lm in safety.modules.items():
-            sigma = self.strength(m, options)
+            sigma = self.strength(m, params)
             new = layerwise_blend(phi[m], proj.P_phi[m], sigma)
             nA = lm.A.numel()
             A = new[:nA].reshape(lm.A.shape).to(torch.float32)
@@ -118,66 +127,67 @@ class _SubspaceMerge(MergeMethod):
             }
         projected = LoraAdapter(modules=modules, full_tensors=safety.full_tensors, config=safety.config,
                                 path=safety.path, files=safety.files)
-        weights, table = safety_weights(safety, options)
         phi_all = torch.cat([phi[m] for m in sorted(phi)])
         P_all = torch.cat([proj.P_phi[m] for m in sorted(phi)])
         report = {
             "estimator": estimator,
-            "scope": options.scope,
-            "k_requested": options.k,
+            "scope": params.scope,
+            "k_requested": params.k,
             "effective_k": proj.effective_k,
             "available_rank": proj.available_rank,
-            "damping_eps": options.damping,
+            "damping_eps": params.damping,
             "damping_delta": proj.damping,
             "eigenvalues": proj.spectra,
             "projection_norm_kept_total": float(P_all.norm() / phi_all.norm()),
             "per_module": kept,
-            "layer_weights": table,
             "fisher": run.meta,
-            **self.describe(options),
+            **self.describe(params),
         }
-        return SafetyPlan(safety=projected, weights=weights, report=report)
+        return inputs.replace(safety=projected), report
 
 
+@register_method
 class ResidualMerge(_SubspaceMerge):
     """Residual: φ' = (1 − r) P φ + r φ with r = residual_ratio, the same for every module."""
 
     name = "residual"
+    Params = ResidualParams
 
-    def strength(self, module: str, options: MergeOptions) -> float:
-        return 1.0 - options.residual_ratio
+    def strength(self, module: str, params: Any) -> float:
+        return 1.0 - params.residual_ratio
 
-    def describe(self, options: MergeOptions) -> dict[str, Any]:
-        return {"residual_ratio": options.residual_ratio}
+    def describe(self, params: Any) -> dict[str, Any]:
+        return {"residual_ratio": params.residual_ratio}
 
 
+@register_method
 class LayerwiseMerge(_SubspaceMerge):
     """Layerwise: φ'_m = (1 − σ_t) φ_m + σ_t P φ_m, σ_t by module type from a preset or YAML table."""
 
     name = "layerwise"
+    Params = LayerwiseParams
 
-    def strength(self, module: str, options: MergeOptions) -> float:
-        return lookup(load_table(options.preset, PRESETS, lo=0.0, hi=1.0), module, f"preset {options.preset!r}")
+    def validate(self, inputs: MergeInputs, options: MergeOptions) -> list[str]:
+        types = {module_type(m) for a in (*inputs.utility, inputs.safety) if a is not None
+                 for m in list(a.specs) + list(a.full_shapes)}
+        load_table(options.params.preset, PRESETS, lo=0.0, hi=1.0, known_types=types)
+        return []
 
-    def describe(self, options: MergeOptions) -> dict[str, Any]:
-        return {"preset": options.preset, "strengths": load_table(options.preset, PRESETS, lo=0.0, hi=1.0)}
+    def strength(self, module: str, params: Any) -> float:
+        return lookup(load_table(params.preset, PRESETS, lo=0.0, hi=1.0), module, f"preset {params.preset!r}")
+
+    def describe(self, params: Any) -> dict[str, Any]:
+        return {"preset": params.preset, "strengths": load_table(params.preset, PRESETS, lo=0.0, hi=1.0)}
 
 
+@register_method
 class FisherMaskMerge(ResidualMerge):
-    """Diagonal-Fisher mask baseline: residual blend with P φ = top-k coordinates of F_harm/F_benign (always diagonal)."""
+    """Diagonal-Fisher mask baseline: residual blend with P φ = top-k coordinates of F_harm/F_benign."""
 
     name = "fisher_mask"
+    Params = FisherMaskParams
 
-    def estimator(self, options: MergeOptions) -> str:
-        if options.fisher != "diagonal":
-            log.info("fisher_mask always uses the diagonal Fisher estimator (fisher=%r is ignored)", options.fisher)
+    def estimator(self, params: Any) -> str:
         return "diagonal"  # the coordinate mask is the point of this baseline
 
 
-METHODS: Registry[type[MergeMethod] | type[DeltaMergeMethod]] = Registry("merge mode")
-METHODS.register("direct", DirectMerge)
-METHODS.register("residual", ResidualMerge)
-METHODS.register("layerwise", LayerwiseMerge)
-METHODS.register("fisher_mask", FisherMaskMerge)
-for _baseline in BASELINES:
-    METHODS.register(_baseline.name, _baseline)

@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-import datetime as _dt
-import importlib.metadata as md
 import json
-import platform
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
-
-PACKAGES = ("sstmerge", "torch", "transformers", "peft", "safetensors", "numpy", "scipy", "pydantic")
-
-
-def versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in PACKAGES:
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def summary_text(report: dict[str, Any]) -> str:

@@ -1,0 +1,195 @@
+"""Experiment configs: the YAML model (recipes, variants, grid, evaluation), name rules, grid expansion.
+
+One YAML file (``configs/default.yaml``; the ``quick:`` section holds the ``--quick`` overrides) says which
+adapters to train (recipes), which utility adapters form each *variant* (each variant is merged with the
+safety adapter), which merge methods and option sweeps to run on which variants, and how to evaluate.
+Every merge's options are resolved when the config is loaded, so a bad option fails before any work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import ConfigError
+from ..merge.config import format_validation_error
+from ..registry import did_you_mean
+from ..train.sft import TrainOptions
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,99}$")
+
+def _check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        raise ValueError(f"{what} {name!r} is not a simple name: use letters, digits and '.', '_', '+', '=', '-' "
+                         "(no '/', no '..', at most 100 characters); names become folder names under --out")
+    return name
+
+class AdapterRecipe(_Strict):
+    """One adapter to train: data files (concatenated) and LoRA training options."""
+
+    data: list[str] = Field(min_length=1, description="training JSONL specs ('bundled:NAME' or paths)")
+    max_samples: int | None = Field(None, ge=1, description="at most N rows per data file (seeded)")
+    train: TrainOptions = Field(default_factory=TrainOptions)
+    task: str | None = Field(None, description="the results column this adapter should improve (checked in the report)")
+
+class GridEntry(_Strict):
+    """A merge method run on some variants, with fixed options and an optional sweep (cartesian product)."""
+
+    name: str
+    mode: str
+
+    @field_validator("name")
+    @classmethod
+    def _simple_name(cls, v: str) -> str:
+        return _check_name(v, "grid entry name")
+    variants: list[str] | None = Field(None, description="variant names; default: every variant")
+    options: dict[str, Any] = Field(default_factory=dict, description="MergeOptions fields")
+    sweep: dict[str, list[Any]] = Field(default_factory=dict, description="MergeOptions field -> values")
+
+class EvalConfig(_Strict):
+    """Suites and their settings; the first judge is the one the results table uses."""
+
+    suites: list[str] = Field(default_factory=lambda: ["jailbreak", "overrefusal", "mcq", "qa", "arithmetic"])
+    limit: dict[str, int] = Field(default_factory=dict, description="suite -> at most N items")
+    max_new_tokens: dict[str, int] = Field(default_factory=dict, description="suite -> generation length")
+    batch_size: int = Field(16, ge=1)
+    templates_per_prompt: int | None = Field(1, ge=1, description="jailbreak templates per prompt (None: all)")
+    judges: list[str] = Field(default_factory=lambda: ["keyword"], min_length=1)
+    device: str = "auto"
+
+class ExperimentConfig(_Strict):
+    base: str = "smollm2"
+    seed: int = Field(0, description="seed of every recipe's training and every merge, unless they set their own")
+    cache_dir: str | None = None
+    adapters: dict[str, AdapterRecipe]
+    safety: str = Field(description="name of the safety adapter among `adapters`")
+    variants: dict[str, list[str]] = Field(description="variant name -> utility adapter names (merged with `safety`)")
+    merge_defaults: dict[str, Any] = Field(default_factory=dict, description="MergeOptions fields for every merge")
+    grid: list[GridEntry] = Field(default_factory=list)
+    references: bool = Field(True, description="also evaluate the base model and each adapter alone")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _apply_seed(self) -> ExperimentConfig:
+        for recipe in self.adapters.values():
+            if "seed" not in recipe.train.model_fields_set:
+                recipe.train = recipe.train.model_copy(update={"seed": self.seed})
+        self.merge_defaults.setdefault("seed", self.seed)
+        return self
+
+    @model_validator(mode="after")
+    def _names_exist(self) -> ExperimentConfig:
+        for name in self.adapters:
+            _check_name(name, "adapter name")
+        for name in self.variants:
+            _check_name(name, "variant name")
+        names = list(self.adapters)
+        if self.safety not in self.adapters:
+            raise ValueError(f"safety adapter {self.safety!r} is not among adapters.{did_you_mean(self.safety, names)}")
+        for v, members in self.variants.items():
+            for m in members:
+                if m not in self.adapters:
+                    raise ValueError(f"variant {v!r}: unknown adapter {m!r}.{did_you_mean(m, names)}")
+        for e in self.grid:
+            for v in e.variants or []:
+                if v not in self.variants:
+                    raise ValueError(f"grid entry {e.name!r}: unknown variant {v!r}.{did_you_mean(v, list(self.variants))}")
+        return self
+
+def _deep_update(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+def load_experiment_config(spec: str | Path, *, quick: bool = False, overrides: dict | None = None) -> ExperimentConfig:
+    """Read a YAML experiment config (a path, or the name of a bundled one: ``default``), apply its
+    ``quick:`` section when ``quick``, then ``overrides``; validate (unknown keys are errors)."""
+    path = Path(spec)
+    if not path.exists() and (CONFIG_DIR / f"{spec}.yaml").is_file():
+        path = CONFIG_DIR / f"{spec}.yaml"
+    if not path.is_file():
+        bundled = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"experiment config {spec} not found; give a YAML path or one of {bundled}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of keys to values")
+    quick_section = raw.pop("quick", None) or {}
+    if quick:
+        if not quick_section:
+            raise ConfigError(f"{path}: --quick needs a 'quick:' section of overrides in the config")
+        raw = _deep_update(raw, quick_section)
+    raw = _deep_update(raw, overrides or {})
+    try:
+        cfg = ExperimentConfig(**raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path), fields=[])) from None
+    expand_grid(cfg, source=str(path))  # validates every merge's options now, not halfway through a run
+    return cfg
+
+def short_hash(obj: Any, n: int = 8) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+class Experiment(BaseModel):
+    """One merge of the grid."""
+
+    name: str  # "<variant>/<entry>[-key=value...]"
+    family: str
+    variant: str
+    options: dict[str, Any]  # MergeOptions fields (resolved)
+
+def _defaults_for(defaults: dict[str, Any], mode: str, source: str) -> dict[str, Any]:
+    """The grid's ``merge_defaults`` that method ``mode`` takes (they apply to every merge, so a key of another
+    method is skipped here); a key that no method takes is an error with a did-you-mean."""
+    from ..merge.config import keys_for, known_keys
+
+    unknown = [k for k in defaults if k not in known_keys()]
+    if unknown:
+        raise ConfigError(f"{source}: merge_defaults: unknown key(s) {unknown}.{did_you_mean(unknown[0], known_keys())}")
+    takes = keys_for(mode)
+    return {k: v for k, v in defaults.items() if k in takes}
+
+def expand_grid(cfg: ExperimentConfig, source: str = "grid") -> list[Experiment]:
+    """Every (entry, variant, sweep point) as an :class:`Experiment`; duplicates (same variant and
+    resolved options, defaults filled in) are kept once, under the first name. Options are resolved now
+    (:class:`ConfigError` naming the experiment; an entry's option that its method does not take is an error)."""
+    from ..merge.config import resolve_options
+
+    out: list[Experiment] = []
+    seen: dict[str, str] = {}
+    for entry in cfg.grid:
+        keys = list(entry.sweep)
+        points = list(itertools.product(*(entry.sweep[k] for k in keys))) if keys else [()]
+        for variant in entry.variants or list(cfg.variants):
+            for point in points:
+                suffix = "".join(f"-{k}={v}" for k, v in zip(keys, point))
+                where = f"{source}: {variant}/{entry.name}{suffix}"
+                opts = {**_defaults_for(cfg.merge_defaults, entry.mode, where), **entry.options,
+                        **dict(zip(keys, point)), "mode": entry.mode}
+                resolved = resolve_options(dict(opts), source=where)
+                key = short_hash([variant, resolved.model_dump(mode="json")], 16)
+                if key in seen:
+                    log.debug("grid: %s%s duplicates %s", entry.name, suffix, seen[key])
+                    continue
+                name = f"{variant}/{entry.name}{suffix}"
+                seen[key] = name
+                out.append(Experiment(name=name, family=entry.name, variant=variant, options=opts))
+    return out

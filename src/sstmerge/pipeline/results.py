@@ -1,0 +1,179 @@
+"""Experiment results: the table's columns (from the eval suites' registry), summary scores, Pareto front,
+results.json / results.csv / results.md and the safety-vs-utility plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..io.atomic import atomic_write_text
+
+if TYPE_CHECKING:
+    from .config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+def table_columns():
+    """The results table's columns: every registered eval suite's headline columns, in registration order
+    (:class:`~sstmerge.eval.suites.Column`: name, description, direction, role in the summary scores)."""
+    from ..eval.suites import SUITES
+
+    return [c for name in SUITES.in_order() for c in SUITES.get(name).columns]
+
+def headline(suites: dict[str, Any], judge: str = "keyword") -> dict[str, float | None]:
+    """The table's numbers of one model: each suite's columns read from its result (None where not run)."""
+    from ..eval.suites import SUITES
+
+    row: dict[str, float | None] = {c.name: None for c in table_columns()}
+    for name, result in suites.items():
+        for column in SUITES.get(name).columns:
+            row[column.name] = column.value(result, judge)
+    return row
+
+def _mean(xs: list[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+def summary_scores(row: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(safety, utility): the means of the columns whose suites mark them ``safety`` (refusal of harmful
+    prompts, plain and templated) and ``utility`` (QA F1 and arithmetic accuracy: the utility adapters' tasks)."""
+    columns = table_columns()
+    return (_mean([row.get(c.name) for c in columns if c.role == "safety"]),
+            _mean([row.get(c.name) for c in columns if c.role == "utility"]))
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points not dominated in (x, y), both to be maximised; sorted by x."""
+    front = [i for i, (x, y) in enumerate(points)
+             if not any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for x2, y2 in points)]
+    return sorted(front, key=lambda i: points[i][0])
+
+def pareto_front_rows(rows: list[dict]) -> list[int]:
+    idx = [i for i, r in enumerate(rows) if r["safety"] is not None and r["utility"] is not None]
+    front = pareto_front([(rows[i]["utility"], rows[i]["safety"]) for i in idx])
+    return [idx[j] for j in front]
+
+def merge_facts(folder: Path | None) -> dict[str, Any] | None:
+    """Headline facts of a merge from its merge_report.json: output rank, the largest recompression error,
+    and for the Fisher modes the effective k and the share of the safety adapter's norm the projection kept."""
+    report_file = folder / "merge_report.json" if folder is not None else None
+    if report_file is None or not report_file.is_file():
+        return None
+    report = json.loads(report_file.read_text())
+    method = report.get("method", {})
+    facts = {"rank": report["output"]["rank"], "max_recompression_rel_error": report["output"].get("max_recompression_rel_error")}
+    for key in ("effective_k", "projection_norm_kept_total", "n_modules_projected", "n_modules_flagged"):
+        if key in method:
+            facts[key] = method[key]
+    if "fisher" in method:
+        facts["fisher_cache_hit"] = method["fisher"].get("cache_hit")
+    return facts
+
+def task_gains(cfg: ExperimentConfig, rows: list[dict]) -> dict[str, Any]:
+    """For each recipe with a ``task`` column: base score vs the adapter alone (the recipe must improve it)."""
+    by_name = {r["name"]: r for r in rows}
+    gains = {}
+    for name, recipe in cfg.adapters.items():
+        if recipe.task and "base" in by_name and f"{name} alone" in by_name:
+            b, a = by_name["base"].get(recipe.task), by_name[f"{name} alone"].get(recipe.task)
+            gains[name] = {"task": recipe.task, "base": b, "adapter": a,
+                           "improved": (a is not None and b is not None and a > b)}
+    return gains
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None else f"{100 * v:.1f}" if isinstance(v, float) else str(v)
+
+def results_markdown(result: dict[str, Any]) -> str:
+    cols = list(result["columns"])
+    lines = ["| model | " + " | ".join(cols) + " | safety | utility |",
+             "|---|" + "---:|" * (len(cols) + 2)]
+    front = set(pareto_front_rows(result["rows"]))
+    for i, r in enumerate(result["rows"]):
+        name = f"**{r['name']}**" if i in front else r["name"]
+        lines.append(f"| {name} | " + " | ".join(_fmt(r.get(c)) for c in cols)
+                     + f" | {_fmt(r['safety'])} | {_fmt(r['utility'])} |")
+    legend = "\n".join(f"- `{c}`: {d}" for c, d in result["columns"].items())
+    notes = []
+    for r in result["rows"]:
+        f = r.get("merge_facts") or {}
+        bits = []
+        if f.get("projection_norm_kept_total") is not None:
+            bits.append(f"projection kept {100 * f['projection_norm_kept_total']:.1f}% of the safety adapter's norm")
+        if f.get("max_recompression_rel_error"):
+            bits.append(f"max SVD truncation error {100 * f['max_recompression_rel_error']:.1f}%")
+        for key, what in (("n_modules_projected", "modules projected"), ("n_modules_flagged", "modules flagged")):
+            if f.get(key) is not None:
+                bits.append(f"{f[key]} {what}")
+        if bits:
+            notes.append(f"- {r['name']}: " + "; ".join(bits))
+    gains = "\n".join(f"- {n} on `{g['task']}`: base {_fmt(g['base'])} → adapter {_fmt(g['adapter'])}"
+                      f" ({'improved' if g['improved'] else 'NOT improved'})" for n, g in result["adapter_task_gain"].items())
+    return ("All numbers are percentages. **Bold**: on the safety-vs-utility Pareto front. safety = mean of the two "
+            "jailbreak columns; utility = mean of qa_f1 and arithmetic_accuracy.\n\n" + "\n".join(lines)
+            + "\n\n" + legend + ("\n\nAdapter recipes on their own task:\n" + gains if gains else "")
+            + ("\n\nMerge facts (from each merge_report.json):\n" + "\n".join(notes) if notes else "") + "\n")
+
+def plot_tradeoff(rows: list[dict], path: Path, title: str = "") -> None:
+    """Safety (y) vs utility (x) scatter, one colour per method family, Pareto front as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6.5))
+    families = sorted({r["family"] for r in rows})
+    variants = sorted({r["variant"] for r in rows if r["variant"]})
+    markers = dict(zip(variants, "os^vPXD*"))
+    cmap = plt.get_cmap("tab20")
+    for j, fam in enumerate(families):
+        pts = [r for r in rows if r["family"] == fam and r["safety"] is not None and r["utility"] is not None]
+        for r in pts:
+            ax.scatter(100 * r["utility"], 100 * r["safety"], color=cmap(j % 20), s=45, edgecolor="black",
+                       linewidth=0.4, marker=markers.get(r["variant"], "D"))
+            if fam == "reference":
+                ax.annotate(r["name"].replace(" alone", ""), (100 * r["utility"], 100 * r["safety"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+        ax.scatter([], [], color=cmap(j % 20), edgecolor="black", linewidth=0.4, label=fam)  # legend entry
+    for v, mk in markers.items():
+        ax.scatter([], [], color="white", edgecolor="black", marker=mk, label=f"variant {v}")
+    front = pareto_front_rows(rows)
+    if front:
+        ax.plot([100 * rows[i]["utility"] for i in front], [100 * rows[i]["safety"] for i in front], "k--", lw=1,
+                label="Pareto front")
+    ax.set_xlabel("utility: mean of QA F1 and arithmetic accuracy (%)")
+    ax.set_ylabel("safety: refusal of harmful prompts, plain + jailbreak (%)")
+    ax.set_title(title or "safety vs utility")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+
+def write_results(result: dict[str, Any], out: Path) -> None:
+    """results.json, results.csv, results.md, safety_vs_utility.png (each atomically)."""
+    atomic_write_text(out / "results.json", json.dumps(result, indent=2, default=str) + "\n")
+    cols = ["name", "family", "variant"] + list(result["columns"]) + ["safety", "utility", "adapter"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    writer.writeheader()
+    for r in result["rows"]:
+        writer.writerow({c: r.get(c) for c in cols})
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    atomic_write_text(out / "results.md", results_markdown(result))
+    plot_tradeoff(result["rows"], out / "safety_vs_utility.png", title=f"{result['config']['base']}: safety vs utility")
+
+def summary_table(result: dict[str, Any]) -> str:
+    """A compact plain-text table for the terminal (the table's columns, as in results.md)."""
+    cols = list(result["columns"])
+    labels = [c[:12] for c in cols]
+    widths = [max(6, len(label)) for label in labels]
+    lines = [f"{'model':44s} " + " ".join(f"{label:>{w}s}" for label, w in zip(labels, widths))]
+    for r in result["rows"]:
+        lines.append(f"{r['name'][:44]:44s} " + " ".join(f"{_fmt(r.get(c)):>{w}s}" for c, w in zip(cols, widths)))
+    return "\n".join(lines)
