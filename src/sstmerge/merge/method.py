@@ -77,6 +77,10 @@ class MergeContext:
     fisher: Callable[[], FisherRun] | None = None
 
 
+def _no_report(module_report: dict[str, dict]) -> dict[str, Any]:
+    return {}
+
+
 @dataclass
 class MethodOutput:
     """A method's result, produced lazily: ``plan`` (the output layout, for a streaming writer's header),
@@ -87,7 +91,7 @@ class MethodOutput:
     plan: ComposePlan
     modules: Iterator[ComposedModule]
     full_tensors: Iterator[tuple[str, torch.Tensor, dict]] = field(default_factory=lambda: iter(()))
-    report: Callable[[dict[str, dict]], dict[str, Any]] = lambda module_report: {}
+    report: Callable[[dict[str, dict]], dict[str, Any]] = field(default_factory=lambda: _no_report)
 
 
 class MergeMethod(ABC):
