@@ -58,8 +58,8 @@ class GridEntry(_Strict):
     def _simple_name(cls, v: str) -> str:
         return _check_name(v, "grid entry name")
     variants: list[str] | None = Field(None, description="variant names; default: every variant")
-    options: dict[str, Any] = Field(default_factory=dict, description="MergeOptions fields")
-    sweep: dict[str, list[Any]] = Field(default_factory=dict, description="MergeOptions field -> values")
+    options: dict[str, Any] = Field(default_factory=dict, description="flat option keys of this entry's method (strict)")
+    sweep: dict[str, list[Any]] = Field(default_factory=dict, description="flat option key -> values")
 
 class EvalConfig(_Strict):
     """Suites and their settings; the first judge is the one the results table uses."""
@@ -79,7 +79,7 @@ class ExperimentConfig(_Strict):
     adapters: dict[str, AdapterRecipe]
     safety: str = Field(description="name of the safety adapter among `adapters`")
     variants: dict[str, list[str]] = Field(description="variant name -> utility adapter names (merged with `safety`)")
-    merge_defaults: dict[str, Any] = Field(default_factory=dict, description="MergeOptions fields for every merge")
+    merge_defaults: dict[str, Any] = Field(default_factory=dict, description="flat option keys for every merge (each method takes those it has)")
     grid: list[GridEntry] = Field(default_factory=list)
     references: bool = Field(True, description="also evaluate the base model and each adapter alone")
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -154,7 +154,7 @@ class Experiment(BaseModel):
     name: str  # "<variant>/<entry>[-key=value...]"
     family: str
     variant: str
-    options: dict[str, Any]  # MergeOptions fields (resolved)
+    options: dict[str, Any]  # flat option keys as given (defaults, entry options, sweep point, mode)
 
 def _defaults_for(defaults: dict[str, Any], mode: str, source: str) -> dict[str, Any]:
     """The grid's ``merge_defaults`` that method ``mode`` takes (they apply to every merge, so a key of another
