@@ -79,6 +79,10 @@ def test_residual_merge_end_to_end_reuses_fisher(smollm2_dir, tmp_path):
     assert m2["fisher"]["cache_hit"] is True
     assert second.report["timings"]["fisher"] < first.report["timings"]["fisher"] / 3
     assert m2["eigenvalues"]["global"] == pytest.approx(ev)
+    # the linear blend (default) keeps r of the safety update in every module, function level (issue #13)
+    third = merge_utility_safety("smollm2", [u], s, tmp_path / "r07", k=4, **{**common, "residual_ratio": 0.7})
+    kept = [e["delta_norm_kept"] for e in third.report["method"]["per_module"].values()]
+    assert len(kept) == 4 * 30 and all(abs(x - 0.7) <= 0.02 for x in kept), (min(kept), max(kept))
 
 
 def test_quick_profile_on_smollm2(tmp_path):

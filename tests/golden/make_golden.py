@@ -25,9 +25,10 @@ sys.path.insert(0, str(HERE.parents[1]))  # tests.conftest
 #: where that exercises more code
 METHOD_OPTIONS: dict[str, dict] = {
     "direct": {"safety_weight": 0.8, "utility_weights": [1.0, 0.5]},
-    "residual": {"residual_ratio": 0.6, "k": 3},
-    "layerwise": {"preset": "balanced", "k": 3},
-    "fisher_mask": {"residual_ratio": 0.5, "k": 50},
+    # the Fisher modes were written with the factor blend of the code of the time (blend: factors since #13)
+    "residual": {"residual_ratio": 0.6, "k": 3, "blend": "factors"},
+    "layerwise": {"preset": "balanced", "k": 3, "blend": "factors"},
+    "fisher_mask": {"residual_ratio": 0.5, "k": 50, "blend": "factors"},
     "ties": {"density": 0.6},
     "dare_linear": {"density": 0.7, "seed": 3},
     "dare_ties": {"density": 0.7, "seed": 3},

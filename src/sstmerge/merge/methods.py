@@ -28,6 +28,22 @@ log = logging.getLogger(__name__)
 __all__ = ["METHODS", "DirectMerge", "ResidualMerge", "LayerwiseMerge", "FisherMaskMerge", "safety_weights"]
 
 
+def linear_blend(A: torch.Tensor, B: torch.Tensor, A_P: torch.Tensor, B_P: torch.Tensor,
+                 strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of ``(1 − σ)·B A + σ·B_P A_P`` by rank concatenation (exact; the LoRA scale stays outside):
+    ``A' = [(1 − σ) A; σ A_P]`` (≤ 2r, d_in), ``B' = [B, B_P]`` (d_out, ≤ 2r). A term with weight 0 is left out,
+    so σ = 0 returns the original factors unchanged (the merge is then ``direct`` byte for byte) and σ = 1 the
+    projected ones. A, A_P: (r, d_in); B, B_P: (d_out, r)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"projection strength must lie in [0, 1], got {strength}")
+    terms = [(w, a, b) for w, a, b in ((1.0 - strength, A, B), (strength, A_P, B_P)) if w != 0.0]
+    if len(terms) == 1 and terms[0][0] == 1.0:
+        return terms[0][1], terms[0][2]
+    A_new = torch.cat([w * a.to(torch.float32) for w, a, _ in terms], dim=0)  # (Σr, d_in)
+    B_new = torch.cat([b.to(torch.float32) for _, _, b in terms], dim=1)  # (d_out, Σr)
+    return A_new, B_new
+
+
 def safety_weights(safety: LoraAdapter | None, options: MergeOptions) -> tuple[dict[str, float], dict | None]:
     """``w^m = safety_weight × table[type(m)]`` for every module and full tensor of ``safety``."""
     if safety is None:
@@ -57,23 +73,30 @@ class SubspaceParams(MethodParams):
         "empirical", description="Fisher estimator: empirical (exact low-rank) or diagonal (a coordinate mask)")
 
 
-class ResidualParams(SubspaceParams):
+class BlendParams(MethodParams):
+    blend: Literal["linear", "factors"] = Field(
+        "linear", description="linear: blend the weight updates, ΔW'_S = (1-σ)·ΔW_S + σ·ΔW_PS (exact, by rank "
+        "concatenation; r = 1 is direct); factors: blend the LoRA factors as the original research code did "
+        "(ΔW scales by about (1-σ)², kept to reproduce its numbers)")
+
+
+class ResidualParams(SubspaceParams, BlendParams):
     residual_ratio: float = Field(
-        0.7, ge=0.0, le=1.0, description="φ' = (1-r)·Pφ + r·φ; 1 = direct, 0 = full projection")
+        0.7, ge=0.0, le=1.0, description="ΔW'_S = r·ΔW_S + (1-r)·ΔW_PS; 1 = direct, 0 = full projection")
 
 
-class LayerwiseParams(SubspaceParams):
+class LayerwiseParams(SubspaceParams, BlendParams):
     preset: str = Field(
         "balanced", description="projection strengths per module type (safety_first, balanced, utility_first, "
         "minimal) or a YAML file {q_proj: 0.3, ..., default: 0.5}")
 
 
-class FisherMaskParams(MethodParams):
+class FisherMaskParams(BlendParams):
     k: int = Field(10, ge=1, description="number of coordinates kept (top F_harm/F_benign ratios)")
     scope: Literal["global", "per_module"] = Field("global", description="one mask over all modules, or one per module")
     clamp_k: bool = Field(False, description="if k exceeds the coordinates with a positive ratio, use those instead of failing")
     damping: float = Field(1e-3, gt=0, description="relative damping ε: δ = ε · Σ diag(F_benign) / D")
-    residual_ratio: float = Field(0.7, ge=0.0, le=1.0, description="φ' = (1-r)·mask(φ) + r·φ")
+    residual_ratio: float = Field(0.7, ge=0.0, le=1.0, description="ΔW'_S = r·ΔW_S + (1-r)·ΔW_mask(S)")
 
 
 class _SubspaceMerge(TaskArithmeticMethod):
@@ -112,18 +135,23 @@ class _SubspaceMerge(TaskArithmeticMethod):
         modules, kept = {}, {}
         for m, lm in safety.modules.items():
             sigma = self.strength(m, params)
-            new = layerwise_blend(phi[m], proj.P_phi[m], sigma)
             nA = lm.A.numel()
-            A = new[:nA].reshape(lm.A.shape).to(torch.float32)
-            B = new[nA:].reshape(lm.B.shape).to(torch.float32)
+            A_P = proj.P_phi[m][:nA].reshape(lm.A.shape).to(torch.float32)  # the projected factors
+            B_P = proj.P_phi[m][nA:].reshape(lm.B.shape).to(torch.float32)
+            if params.blend == "linear":
+                A, B = linear_blend(lm.A, lm.B, A_P, B_P, sigma)
+            else:
+                new = layerwise_blend(phi[m], proj.P_phi[m], sigma)
+                A = new[:nA].reshape(lm.A.shape).to(torch.float32)
+                B = new[nA:].reshape(lm.B.shape).to(torch.float32)
             modules[m] = LoraModule(A=A, B=B, scale=lm.scale)
             norm = float(phi[m].norm())
+            dW = (lm.B.double() @ lm.A.double()).norm()
             kept[m] = {
                 "strength": sigma,
                 "projection_norm_kept": float(proj.P_phi[m].norm()) / norm if norm > 0 else 0.0,
-                "blend_norm_kept": float(new.norm()) / norm if norm > 0 else 0.0,
-                "delta_norm_kept": float((B.double() @ A.double()).norm() / (lm.B.double() @ lm.A.double()).norm())
-                if m not in zero else 0.0,
+                "projected_delta_norm_kept": float((B_P.double() @ A_P.double()).norm() / dW) if m not in zero else 0.0,
+                "delta_norm_kept": float((B.double() @ A.double()).norm() / dW) if m not in zero else 0.0,
             }
         projected = LoraAdapter(modules=modules, full_tensors=safety.full_tensors, config=safety.config,
                                 path=safety.path, files=safety.files)
@@ -139,6 +167,8 @@ class _SubspaceMerge(TaskArithmeticMethod):
             "damping_delta": proj.damping,
             "eigenvalues": proj.spectra,
             "projection_norm_kept_total": float(P_all.norm() / phi_all.norm()),
+            "blend": params.blend,
+            "delta_norm_kept_median": float(torch.tensor([e["delta_norm_kept"] for e in kept.values()]).median()),
             "per_module": kept,
             "fisher": run.meta,
             **self.describe(params),
