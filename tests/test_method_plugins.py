@@ -111,6 +111,7 @@ def test_register_method_checks_its_class():
     ("dare_linear", "majority_sign_method", "frequency", "belongs to method(s) dare_ties, ties"),
     ("residual", "residual_ration", 0.5, "unknown key 'residual_ration'. Did you mean 'residual_ratio'?"),
     ("no_such_mode", "k", 5, "unknown merge method 'no_such_mode'"),
+    ("residual", "fisher_batch_size", 0, "fisher_batch_size: Input should be greater than or equal to 1"),
 ])
 def test_misplaced_and_unknown_options_are_errors(tiny_base, tmp_path, pair, mode, key, value, needle):
     u, s = pair

@@ -65,11 +65,11 @@ def _validated(model: type[BaseModel], values: dict, source: str) -> Any:
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
-def resolve_options(values: dict[str, Any], source: str = "options", *, lenient: bool = False) -> MergeOptions:
+def resolve_options(values: dict[str, Any], source: str = "options") -> MergeOptions:
     """Flat option keys → :class:`MergeOptions` for ``values["mode"]`` (default ``direct``).
 
-    ``lenient``: silently drop keys that the chosen method does not take (the grid's ``merge_defaults``, which
-    apply to every method); otherwise such a key is an error naming the methods that take it.
+    A key that the chosen method does not take is an error naming the methods that take it (the grid filters
+    its ``merge_defaults``, which apply to every method, with :func:`keys_for` first).
     """
     values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
     mode = values.get("mode", "direct")
@@ -85,9 +85,6 @@ def resolve_options(values: dict[str, Any], source: str = "options", *, lenient:
     for key in list(values):
         if key in takes:
             continue
-        if lenient and (key in owners or key in FISHER_KEYS):
-            values.pop(key)
-            continue
         if key in owners:
             problems.append(f"option {key!r} belongs to method(s) {', '.join(sorted(owners[key]))}, not {mode!r}")
         elif key in FISHER_KEYS:
@@ -100,7 +97,13 @@ def resolve_options(values: dict[str, Any], source: str = "options", *, lenient:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     common = _validated(CommonOptions, {k: v for k, v in values.items() if k in COMMON_KEYS}, source)
     fisher_values = {field: values[flat] for flat, field in FISHER_KEYS.items() if flat in values}
-    fisher = _validated(FisherSettings, {**fisher_values, "seed": common.seed}, source)
+    try:
+        fisher = FisherSettings.model_validate({**fisher_values, "seed": common.seed})
+    except ValidationError as exc:  # name the flat keys the user wrote (fisher_batch_size, not batch_size)
+        flat_of = {field: flat for flat, field in FISHER_KEYS.items()}
+        lines = [f"{flat_of.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']} (got {e.get('input')!r})"
+                 for e in exc.errors()]
+        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
     params = _validated(cls.Params, {k: v for k, v in values.items() if k in cls.Params.model_fields},
                         f"{source}: method {mode!r}")
     return MergeOptions(**common.model_dump(), fisher=fisher, params=params)
