@@ -80,10 +80,7 @@ def remove_stale_temps(folder: Path, name: str) -> list[Path]:
         return removed
     for entry in entries:
         if pattern.match(entry.name) and entry not in _LIVE_TEMPS:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+            _rmtree_or_unlink(entry)
             removed.append(entry)
     if removed:
         log.warning("removed %d temporary item(s) left by an interrupted run: %s", len(removed),

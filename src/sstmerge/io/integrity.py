@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import CacheCorruptError
 from .atomic import atomic_write_text
+from .hashing import sha256_file
 
 
 def _canonical(payload: Any) -> bytes:
@@ -59,14 +60,9 @@ def crc32(array: np.ndarray | bytes, value: int = 0) -> int:
 
 
 def file_digest(path: str | os.PathLike) -> dict[str, Any]:
-    """``{"size": bytes, "sha256": hex}`` of a file."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": h.hexdigest()}
+    """``{"size": bytes, "sha256": hex}`` of a file (the SHA-256 of :func:`sstmerge.io.hashing.sha256_file`, cached
+    per path, size and modification time within a process)."""
+    return {"size": os.stat(path).st_size, "sha256": sha256_file(path)}
 
 
 def verify_file(path: str | os.PathLike, expected: dict[str, Any]) -> None:
@@ -78,5 +74,5 @@ def verify_file(path: str | os.PathLike, expected: dict[str, Any]) -> None:
         raise CacheCorruptError(f"{path}: missing") from None
     if size != expected.get("size"):
         raise CacheCorruptError(f"{path}: {size} bytes, {expected.get('size')} recorded (truncated or replaced)")
-    if file_digest(path)["sha256"] != expected.get("sha256"):
+    if sha256_file(path) != expected.get("sha256"):
         raise CacheCorruptError(f"{path}: SHA-256 differs from the recorded one (damaged or edited)")

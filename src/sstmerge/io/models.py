@@ -60,14 +60,15 @@ def _smollm2_gguf() -> Path:
 
 def _conversion_intact(dest: Path) -> bool:
     """The converted folder is complete and its files match the sizes and SHA-256 recorded at conversion."""
-    from .hashing import sha256_file
+    from ..errors import CacheCorruptError
+    from .integrity import verify_file
 
     try:
         recorded = json.loads((dest / "sstmerge_source.json").read_text())["files"]
-        return bool(recorded) and all(
-            (dest / name).stat().st_size == d["size"] and sha256_file(dest / name) == d["sha256"]
-            for name, d in recorded.items())
-    except (OSError, ValueError, KeyError, TypeError):
+        for name, digest in recorded.items():
+            verify_file(dest / name, digest)
+        return bool(recorded)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, CacheCorruptError):
         return False
 
 

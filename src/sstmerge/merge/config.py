@@ -44,12 +44,14 @@ def keys_for(mode: str) -> set[str]:
 
 
 def format_validation_error(exc: ValidationError, source: str, fields: list[str] | None = None,
-                            prefix: str = "") -> str:
-    """One readable line per problem; unknown keys get a did-you-mean among ``fields`` (``[]``: none)."""
+                            names: dict[str, str] | None = None) -> str:
+    """One readable line per problem; unknown keys get a did-you-mean among ``fields`` (``[]``: none);
+    ``names`` renames fields to the keys the user wrote (``batch_size`` → ``fisher_batch_size``)."""
     lines = []
     fields = known_keys() if fields is None else fields
+    names = names or {}
     for err in exc.errors():
-        loc = prefix + (".".join(str(p) for p in err["loc"]) or "<root>")
+        loc = ".".join(names.get(str(p), str(p)) for p in err["loc"]) or "<root>"
         if err["type"] == "extra_forbidden":
             hint = did_you_mean(loc, fields) if fields else ""
             lines.append(f"unknown key {loc!r}.{hint}")
@@ -100,10 +102,8 @@ def resolve_options(values: dict[str, Any], source: str = "options") -> MergeOpt
     try:
         fisher = FisherSettings.model_validate({**fisher_values, "seed": common.seed})
     except ValidationError as exc:  # name the flat keys the user wrote (fisher_batch_size, not batch_size)
-        flat_of = {field: flat for flat, field in FISHER_KEYS.items()}
-        lines = [f"{flat_of.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']} (got {e.get('input')!r})"
-                 for e in exc.errors()]
-        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+        flat_names = {field: flat for flat, field in FISHER_KEYS.items()}
+        raise ConfigError(format_validation_error(exc, source, names=flat_names)) from None
     params = _validated(cls.Params, {k: v for k, v in values.items() if k in cls.Params.model_fields},
                         f"{source}: method {mode!r}")
     return MergeOptions(**common.model_dump(), fisher=fisher, params=params)

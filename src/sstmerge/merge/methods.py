@@ -122,7 +122,9 @@ class _SubspaceMerge(TaskArithmeticMethod):
 
         safety, params = inputs.safety, options.params
 
-        zero = [m for m, lm in safety.modules.items() if float(lm.delta().abs().max()) == 0.0]
+        # ‖B A‖ per module, once: zero modules (ΔW = s·B A with s > 0) and the function-level shares below
+        norm_dW = {m: float((lm.B.double() @ lm.A.double()).norm()) for m, lm in safety.modules.items()}
+        zero = [m for m, n in norm_dW.items() if n == 0.0]
         if len(zero) == len(safety.modules):
             raise FisherError(
                 f"{safety.name}: the safety adapter's update ΔW is zero in every module (untrained, or B = 0); "
@@ -145,13 +147,12 @@ class _SubspaceMerge(TaskArithmeticMethod):
                 A = new[:nA].reshape(lm.A.shape).to(torch.float32)
                 B = new[nA:].reshape(lm.B.shape).to(torch.float32)
             modules[m] = LoraModule(A=A, B=B, scale=lm.scale)
-            norm = float(phi[m].norm())
-            dW = (lm.B.double() @ lm.A.double()).norm()
+            norm, dW = float(phi[m].norm()), norm_dW[m]
             kept[m] = {
                 "strength": sigma,
                 "projection_norm_kept": float(proj.P_phi[m].norm()) / norm if norm > 0 else 0.0,
-                "projected_delta_norm_kept": float((B_P.double() @ A_P.double()).norm() / dW) if m not in zero else 0.0,
-                "delta_norm_kept": float((B.double() @ A.double()).norm() / dW) if m not in zero else 0.0,
+                "projected_delta_norm_kept": float((B_P.double() @ A_P.double()).norm()) / dW if dW > 0 else 0.0,
+                "delta_norm_kept": float((B.double() @ A.double()).norm()) / dW if dW > 0 else 0.0,
             }
         projected = LoraAdapter(modules=modules, full_tensors=safety.full_tensors, config=safety.config,
                                 path=safety.path, files=safety.files)
