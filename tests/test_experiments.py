@@ -35,7 +35,7 @@ def _tiny_overrides(tiny_base, tmp_path, grid=None) -> dict:
 def test_quick_profile_runs_end_to_end_and_resumes(tiny_base, tmp_path):
     cfg = load_experiment_config("default", quick=True, overrides=_tiny_overrides(tiny_base, tmp_path))
     names = [e.name for e in expand_grid(cfg)]
-    assert names == ["A5+A6+A7/direct", "A5+A6+A7/residual", "A5+A6+A7/ties",
+    assert names == ["A5+A6+A7/direct", "A5+A6+A7/residual", "A5+A6+A7/complement", "A5+A6+A7/ties",
                      "A5+A6+A7/safe_lora"]
     out = tmp_path / "results"
     result = run_experiments(cfg, out)
@@ -58,6 +58,9 @@ def test_quick_profile_runs_end_to_end_and_resumes(tiny_base, tmp_path):
     residual = json.loads((out / "merges").glob("A5+A6+A7__residual-*").__next__().joinpath("merge_report.json").read_text())
     assert residual["config"]["benign_data"].endswith(".jsonl") and "benign-A5+A6+A7" in residual["config"]["benign_data"]
     assert residual["method"]["effective_k"] == {"global": 2}
+    complement = json.loads((out / "merges").glob("A5+A6+A7__complement-*").__next__().joinpath("merge_report.json").read_text())
+    assert complement["method"]["predicted_utility_cost_after"] < complement["method"]["predicted_utility_cost_before"]
+    assert "predicted utility cost" in md
     facts = rows["A5+A6+A7/residual"]["merge_facts"]
     assert facts["effective_k"] == {"global": 2} and 0 < facts["projection_norm_kept_total"] <= 1
     assert rows["A5+A6+A7/safe_lora"]["merge_facts"]["n_modules_projected"] >= 0 and rows["base"]["merge_facts"] is None
@@ -88,8 +91,11 @@ def test_default_config_has_the_seed_grid():
     cfg = load_experiment_config("default")
     names = [e.name for e in expand_grid(cfg)]
     for v in ("A5+A7", "A6+A7", "A5+A6+A7"):
-        assert f"{v}/direct" in names and f"{v}/projection" in names
+        assert {f"{v}/direct", f"{v}/complement", f"{v}/protect"} <= set(names)
         assert {f"{v}/residual-residual_ratio={r}" for r in (0.5, 0.7, 0.9)} <= set(names)
+    assert {f"A5+A6+A7/projection-k={k}" for k in (4, 16, "auto")} <= set(names)
+    assert {f"A5+A6+A7/protect-k={k}" for k in (4, 16)} <= set(names)
+    assert {"A5+A6+A7/complement_pm", "A5+A6+A7/protect_pm", "A5+A6+A7/projection_pm"} <= set(names)
     for p in ("safety_first", "balanced", "utility_first", "minimal"):
         assert f"A5+A6+A7/layerwise-preset={p}" in names
     for b in ("ties", "dare_linear", "dare_ties", "magnitude", "safe_lora", "safemerge", "fisher_mask", "v3_weights"):

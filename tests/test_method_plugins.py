@@ -106,8 +106,8 @@ def test_register_method_checks_its_class():
 @pytest.mark.parametrize("mode, key, value, needle", [
     ("ties", "residual_ratio", 0.2, "'residual_ratio' belongs to method(s) fisher_mask, residual, not 'ties'"),
     ("residual", "density", 0.5, "'density' belongs to method(s) dare_linear, dare_ties, magnitude, ties"),
-    ("direct", "k", 5, "'k' belongs to method(s) fisher_mask, layerwise, residual"),
-    ("direct", "max_samples", 8, "configures the Fisher pass of fisher_mask, layerwise, residual"),
+    ("direct", "k", 5, "'k' belongs to method(s) fisher_mask, layerwise, protect, residual"),
+    ("direct", "max_samples", 8, "configures the Fisher pass of complement, fisher_mask, layerwise, protect, residual"),
     ("dare_linear", "majority_sign_method", "frequency", "belongs to method(s) dare_ties, ties"),
     ("residual", "residual_ration", 0.5, "unknown key 'residual_ration'. Did you mean 'residual_ratio'?"),
     ("no_such_mode", "k", 5, "unknown merge method 'no_such_mode'"),

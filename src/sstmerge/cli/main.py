@@ -45,9 +45,33 @@ def expand_greedy(argv: list[str]) -> list[str]:
     return out
 
 
+class _IntOrChoice(click.ParamType):
+    """An integer or one of some words (e.g. ``--k 16`` or ``--k auto``)."""
+
+    name = "integer|choice"
+
+    def __init__(self, words: list[str]) -> None:
+        self.words = words
+        self.name = "INTEGER|" + "|".join(words)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value in self.words:
+            return value
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither an integer nor one of {', '.join(self.words)}", param, ctx)
+
+
 def _click_type(annotation):
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _click_type(typing.get_args(annotation)[0])
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    literals = [a for a in args if typing.get_origin(a) is typing.Literal]
+    plain = [typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a for a in args]
+    if literals and int in plain and len(literals) + 1 == len(args):
+        return _IntOrChoice([str(w) for lit in literals for w in typing.get_args(lit)]), False
     if origin is typing.Literal:
         return click.Choice([str(a) for a in typing.get_args(annotation)]), False
     if origin in (list, tuple):

@@ -1,5 +1,10 @@
 """The point at which the Fisher is taken: base + Σ c_i ΔW_Ui (merged into the weights) + the safety
-adapter as trainable PEFT LoRA layers. φ = the safety adapter's LoRA factors."""
+adapter as trainable PEFT LoRA layers. φ = the safety adapter's LoRA factors.
+
+The ``protect`` mode differentiates with respect to a utility adapter U_j at the same point: the other
+utility adapters and the safety adapter are merged into the weights and ``c_j ΔW_Uj`` is the LoRA layer
+(:func:`fisher_target`), so the Fisher machinery (cache, resume, statistics) is the same.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import AdapterMismatchError
-from ..io.adapter import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, adapter_state_dict
+from ..io.adapter import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, LoraModule, adapter_state_dict
 from ..io.models import BaseModelInfo, load_causal_lm, require_tokenizer
 from .gradients import LoraLayer
 
@@ -23,6 +28,17 @@ log = logging.getLogger(__name__)
 def module_layout(safety: LoraAdapter) -> list[tuple[str, int, int]]:
     """``[(module, numel(A), numel(B)), ...]`` in sorted module order: the layout of φ (A then B, flattened)."""
     return [(m, safety.modules[m].A.numel(), safety.modules[m].B.numel()) for m in sorted(safety.modules)]
+
+
+def fisher_target(adapter: LoraAdapter, coefficient: float) -> LoraAdapter:
+    """The adapter whose factors a Fisher pass differentiates, carrying its merge coefficient: ``B ← c·B``
+    (so ``ΔW = c·s·B A`` and the point is the merge's own); the adapter itself when ``c = 1``. A scaled copy
+    has no ``files``, so the Fisher cache key hashes its tensors (a different c is a different entry)."""
+    if coefficient == 1.0:
+        return adapter.materialize()
+    modules = {m: LoraModule(A=lm.A, B=lm.B * coefficient, scale=lm.scale) for m, lm in adapter.modules.items()}
+    return LoraAdapter(modules=modules, full_tensors=dict(adapter.full_tensors.items()), config=adapter.config,
+                       path=adapter.path, files=[])
 
 
 def flat_phi(safety: LoraAdapter) -> dict[str, torch.Tensor]:

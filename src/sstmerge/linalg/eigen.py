@@ -17,6 +17,11 @@ and, writing ``v = W c``::
 a symmetric-definite problem solved by ``scipy.linalg.eigh(M_h, M_b + δ I)`` (never ``eigh(inv(B) A)``,
 which is not symmetric). Directions outside the row space have λ = 0 and never enter the top-k.
 
+The whole eigenbasis (:func:`generalized_eigenbasis_from_gram`) decomposes an update φ exactly
+(:func:`eigen_coordinates`): ``φ = φ_⊥ + Σ_i c_i v_i`` with ``c_i = v_iᵀ (F_benign + δI) φ`` and φ_⊥ orthogonal to
+the span, so ``φᵀ F_harm φ = Σ λ_i c_i²`` and ``φ_spanᵀ (F_benign + δI) φ_span = Σ c_i²``: per direction, the
+predicted safety and utility cost. The ``complement`` and ``protect`` modes remove chosen terms of that sum.
+
 Everything here is a pure function of tensors/arrays (float64).
 """
 
@@ -73,22 +78,30 @@ def _check_k(k: int, available: int, clamp_k: bool, where: str) -> int:
     return k
 
 
-def safety_subspace_from_gram(
-    K: np.ndarray,
-    n_harm: int,
-    k: int,
-    *,
-    dim: int,
-    eps: float = 1e-3,
-    clamp_k: bool = False,
-    rel_tol: float = 1e-10,
-    where: str = "global",
-) -> SafetySubspace:
-    """Top-k solutions of ``F_harm v = λ (F_benign + δ I) v`` from the Gram matrix ``K = G Gᵀ`` (N × N).
+@dataclass
+class GeneralizedEigenbasis:
+    """All ρ generalized eigenvectors in the gradient span (ρ = rank of K), descending by λ.
 
-    Rows ``0..n_harm-1`` of G are harmful samples, the rest benign. ``dim`` is D (for the damping).
-    Raises :class:`FisherError` if ``k`` exceeds the number of positive eigenvalues (unless ``clamp_k``).
+    ``coef`` (N × ρ): ``v_i = Gᵀ coef[:, i]``; the ``v_i`` are (F_benign + δI)-orthonormal and span the row
+    space of G. ``eigenvalues`` (ρ,) includes the (numerically) zero ones: directions that F_harm does not
+    see (benign-only directions, at least ρ − N_h of them). ``positive``: how many are numerically > 0.
     """
+
+    eigenvalues: np.ndarray  # (ρ,) descending
+    coef: np.ndarray  # (N, ρ)
+    positive: int
+    damping: float
+    dim: int
+    n_harm: int
+
+    @property
+    def rank(self) -> int:
+        return int(self.eigenvalues.shape[0])
+
+
+def _span_solve(K: np.ndarray, n_harm: int, dim: int, eps: float, rel_tol: float, where: str):
+    """The reduced problem ``M_h c = λ (M_b + δI) c`` in W-coordinates (module docstring). Returns
+    ``(Λ (ρ,), U (N, ρ), λ (ρ,) descending, C (ρ, ρ) (M_b+δI)-orthonormal columns, δ)``."""
     K = np.asarray(K, dtype=np.float64)
     K = 0.5 * (K + K.T)
     N = K.shape[0]
@@ -99,7 +112,7 @@ def safety_subspace_from_gram(
     lam, U = np.linalg.eigh(K)  # ascending
     keep = lam > rel_tol * max(float(lam.max(initial=0.0)), 0.0)
     if not keep.any():
-        raise FisherError(f"{where}: all per-sample gradients are zero (is the safety adapter all zero?)")
+        raise FisherError(f"{where}: all per-sample gradients are zero (is the adapter all zero?)")
     lam, U = lam[keep], U[:, keep]  # ρ
     root = np.sqrt(lam)
     S = U * root  # (N, ρ) = U Λ^{1/2}
@@ -118,11 +131,109 @@ def safety_subspace_from_gram(
         raise FisherError(f"{where}: F_benign + δI is numerically singular with δ = {delta:.3g} (damping eps = {eps:g}); "
                           f"use a larger --damping (e.g. 1e-6 or the default 1e-3) [{exc}]") from None
     order = np.argsort(evals)[::-1]
-    evals, C = evals[order], C[:, order]
+    return lam, U, evals[order], C[:, order], delta
+
+
+def _n_positive(evals: np.ndarray) -> int:
+    """Eigenvalues above the numerical tolerance (relative to the largest)."""
     pos_tol = 1e-12 * max(float(evals.max(initial=0.0)), 1e-300)
-    available = int((evals > pos_tol).sum()) if evals.max(initial=0.0) > 0 else 0
+    return int((evals > pos_tol).sum()) if evals.max(initial=0.0) > 0 else 0
+
+
+def generalized_eigenbasis_from_gram(
+    K: np.ndarray, n_harm: int, *, dim: int, eps: float = 1e-3, rel_tol: float = 1e-10, where: str = "global"
+) -> GeneralizedEigenbasis:
+    """Every solution of ``F_harm v = λ (F_benign + δ I) v`` in the span of the gradients, from ``K = G Gᵀ``.
+
+    Rows ``0..n_harm-1`` of G are harmful samples, the rest benign; ``dim`` is D (for the damping δ).
+    Eigenvalues within rounding of 0 (relative 1e-12) are set to exactly 0.
+    """
+    lam, U, evals, C, delta = _span_solve(K, n_harm, dim, eps, rel_tol, where)
+    positive = _n_positive(evals)
+    evals = np.where(np.abs(evals) <= 1e-12 * max(float(evals.max(initial=0.0)), 1e-300), 0.0, evals)
+    to_coef = U / np.sqrt(lam)  # (N, ρ) = U Λ^{-1/2}: v = W c = Gᵀ (U Λ^{-1/2} c)
+    return GeneralizedEigenbasis(eigenvalues=evals, coef=to_coef @ C, positive=positive, damping=delta, dim=dim,
+                                 n_harm=n_harm)
+
+
+def eigen_coordinates(basis: GeneralizedEigenbasis, K: np.ndarray, G_phi: np.ndarray) -> np.ndarray:
+    """Coordinates ``c`` (ρ,) of φ in the eigenbasis: ``φ = φ_⊥ + Σ_i c_i v_i`` with φ_⊥ ⟂ span(G).
+
+    ``c_i = v_iᵀ (F_benign + δI) φ = coef_iᵀ (K_{:,b} (Gφ)_b / N_b + δ Gφ)`` (only the Gram matrix and the inner
+    products ``Gφ`` are needed). Then ``φᵀ F_harm φ = Σ_i λ_i c_i²`` (the predicted safety) and
+    ``φ_spanᵀ (F_benign + δI) φ_span = Σ_i c_i²`` (the predicted utility cost, damping included).
+    """
+    K = np.asarray(K, dtype=np.float64)
+    G_phi = np.asarray(G_phi, dtype=np.float64)
+    b = slice(basis.n_harm, K.shape[0])
+    n_b = K.shape[0] - basis.n_harm
+    metric_phi = K[:, b] @ G_phi[b] / n_b + basis.damping * G_phi  # G (F_benign + δI) φ   (N,)
+    return basis.coef.T @ metric_phi
+
+
+def removal_coefficients(basis: GeneralizedEigenbasis, c: np.ndarray, remove: np.ndarray) -> np.ndarray:
+    """``β`` (N,) with ``Σ_{i ∈ remove} c_i v_i = Gᵀ β``: subtracting ``Gᵀβ`` from φ removes its components
+    along the chosen eigenvectors (oblique: the others, and φ_⊥, are untouched)."""
+    remove = np.asarray(remove, dtype=bool)
+    return basis.coef[:, remove] @ c[remove]
+
+
+def choose_k(eigenvalues: np.ndarray, rule: str = "mass", mass: float = 0.9, where: str = "global") -> int:
+    """k from the spectrum (positive eigenvalues, descending).
+
+    - ``mass``: the smallest k whose top-k eigenvalues hold at least ``mass`` of the positive spectrum's sum
+      ``Σ_i λ_i`` (the share of ``tr`` of the whitened F_harm that the subspace explains);
+    - ``eigengap``: the k before the largest relative gap ``λ_k / λ_{k+1}`` among the positive eigenvalues
+      (k = the number of positive eigenvalues when there is only one).
+    """
+    lam = np.asarray(eigenvalues, dtype=np.float64)
+    lam = lam[lam > 0]
+    if lam.size == 0:
+        raise FisherError(f"{where}: no positive generalized eigenvalue; k cannot be chosen from the spectrum")
+    if rule == "mass":
+        if not 0.0 < mass <= 1.0:
+            raise FisherError(f"k_mass must lie in (0, 1], got {mass}")
+        share = np.cumsum(lam) / lam.sum()
+        return int(min(np.searchsorted(share, mass - 1e-12) + 1, lam.size))
+    if rule == "eigengap":
+        if lam.size == 1:
+            return 1
+        return int(np.argmax(lam[:-1] / lam[1:]) + 1)
+    raise FisherError(f"unknown k rule {rule!r}; use 'mass' or 'eigengap'")
+
+
+def quadratic_forms(G_x: np.ndarray, n_harm: int) -> dict[str, float]:
+    """The Fisher model's view of an update x from its inner products ``G x`` (N,):
+
+    ``refusal_gain = mean_{i harm} g_iᵀ x`` (first-order change of the refusal log-likelihood),
+    ``benign_gain = mean_{j benign} g_jᵀ x``, ``harm_form = xᵀ F_harm x`` and ``benign_form = xᵀ F_benign x``.
+    """
+    G_x = np.asarray(G_x, dtype=np.float64)
+    h, b = G_x[:n_harm], G_x[n_harm:]
+    return {"refusal_gain": float(h.mean()), "benign_gain": float(b.mean()),
+            "harm_form": float(np.mean(h * h)), "benign_form": float(np.mean(b * b))}
+
+
+def safety_subspace_from_gram(
+    K: np.ndarray,
+    n_harm: int,
+    k: int,
+    *,
+    dim: int,
+    eps: float = 1e-3,
+    clamp_k: bool = False,
+    rel_tol: float = 1e-10,
+    where: str = "global",
+) -> SafetySubspace:
+    """Top-k solutions of ``F_harm v = λ (F_benign + δ I) v`` from the Gram matrix ``K = G Gᵀ`` (N × N).
+
+    Rows ``0..n_harm-1`` of G are harmful samples, the rest benign. ``dim`` is D (for the damping).
+    Raises :class:`FisherError` if ``k`` exceeds the number of positive eigenvalues (unless ``clamp_k``).
+    """
+    lam, U, evals, C, delta = _span_solve(K, n_harm, dim, eps, rel_tol, where)
+    available = _n_positive(evals)
     k_eff = _check_k(k, available, clamp_k, where)
-    to_coef = U / root  # (N, ρ) = U Λ^{-1/2}: v = W c = Gᵀ (U Λ^{-1/2} c)
+    to_coef = U / np.sqrt(lam)  # (N, ρ) = U Λ^{-1/2}: v = W c = Gᵀ (U Λ^{-1/2} c)
     C_k = C[:, :k_eff]
     if k_eff > 0:
         Q_c, _ = np.linalg.qr(C_k)  # orthonormal basis of span(C_k) in W-coordinates

@@ -19,6 +19,7 @@ import torch
 
 from ..data.jsonl import BUNDLED_PREFIX, load_examples, resolve_data
 from ..errors import AdapterMismatchError, ConfigError, UnsupportedAdapterError
+from ..fisher.point import fisher_target
 from ..fisher.run import compute_fisher
 from ..io.adapter import AdapterStreamWriter, LoraAdapter, read_adapter, write_adapter
 from ..io.atomic import OutputClaim
@@ -221,10 +222,17 @@ class SSTMerger:
     def _context(self, prep: _Prepared, timer: _Timer) -> MergeContext:
         inp = prep.inputs
 
-        def fisher():
+        def fisher(wrt: int | None = None):
+            """The Fisher run w.r.t. the safety adapter's factors (``wrt=None``) or utility adapter ``wrt``'s,
+            always at the point base + Σ c_i ΔW_Ui + ΔW_S."""
             with timer.stage("fisher"):
-                return compute_fisher(inp.base, list(inp.utility), list(inp.coefficients), inp.safety,
-                                      prep.options.fisher, self.cache_dir)
+                if wrt is None:
+                    return compute_fisher(inp.base, list(inp.utility), list(inp.coefficients), inp.safety,
+                                          prep.options.fisher, self.cache_dir)
+                others = [u for i, u in enumerate(inp.utility) if i != wrt] + [inp.safety]
+                coefficients = [c for i, c in enumerate(inp.coefficients) if i != wrt] + [1.0]
+                target = fisher_target(inp.utility[wrt], inp.coefficients[wrt])
+                return compute_fisher(inp.base, others, coefficients, target, prep.options.fisher, self.cache_dir)
 
         return MergeContext(fisher=fisher if prep.method.needs_fisher else None)
 

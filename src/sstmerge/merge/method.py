@@ -72,9 +72,11 @@ class MergeInputs:
 @dataclass
 class MergeContext:
     """What a method may ask for while merging: ``fisher()`` computes or loads the Fisher statistics of these
-    inputs (cached; only for methods with ``needs_fisher``)."""
+    inputs with respect to the safety adapter's factors, ``fisher(j)`` with respect to utility adapter j's
+    (scaled by its coefficient, :func:`~sstmerge.fisher.point.fisher_target`), both at the point
+    base + Σ c_i ΔW_Ui + ΔW_S (cached; only for methods with ``needs_fisher``)."""
 
-    fisher: Callable[[], FisherRun] | None = None
+    fisher: Callable[..., FisherRun] | None = None
 
 
 def _no_report(module_report: dict[str, dict]) -> dict[str, Any]:

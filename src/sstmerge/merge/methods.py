@@ -1,22 +1,30 @@
-"""The built-in task-arithmetic methods: ``direct`` and the Fisher-subspace modes (``residual``, ``layerwise``,
-``fisher_mask``). Importing this module registers them and the dense baselines (:mod:`.baselines`).
+"""The built-in task-arithmetic methods: ``direct``, the Fisher-subspace modes (``residual``, ``layerwise``,
+``fisher_mask``) and the decomposition modes (``complement``, ``protect``). Importing this module registers
+them and the dense baselines (:mod:`.baselines`).
 
 Each is a :class:`~sstmerge.merge.method.TaskArithmeticMethod`: its ``transform`` returns the inputs with the
-safety adapter replaced by S' (the projected blend) and the per-module weights ``w^m``; composition
+safety adapter replaced by S' (the projected blend, or S without its tax directions) or the utility adapters
+replaced by U' (without the directions that erode refusals), and the per-module weights ``w^m``; composition
 ``ΔW^m = Σ_i c_i ΔW_Ui^m + w^m ΔW_S'^m`` (exact, rank concatenation) is shared.
+
+Every Fisher-based mode reports its predicted effect: the Fisher's quadratic forms
+(:func:`~sstmerge.linalg.eigen.quadratic_forms`) on the update it changed, for ``direct`` (the adapter as given)
+and for the merge, and the function-level share ``‖ΔW'_m‖ / ‖ΔW_m‖`` kept per module.
 """
 
 from __future__ import annotations
 
 import logging
 from abc import abstractmethod
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
-from ..errors import FisherError
+from ..errors import AdapterMismatchError, ConfigError, FisherError, UnsupportedAdapterError
 from ..io.adapter import LoraAdapter, LoraModule
+from ..linalg.eigen import choose_k, quadratic_forms
 from ..linalg.projection import layerwise_blend
 from . import baselines  # noqa: F401 - registers the dense baselines
 from .method import METHODS, MergeContext, MergeInputs, TaskArithmeticMethod, register_method
@@ -25,7 +33,11 @@ from .tables import PRESETS, WEIGHT_TABLES, load_table, lookup, module_type
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "DirectMerge", "ResidualMerge", "LayerwiseMerge", "FisherMaskMerge", "safety_weights"]
+__all__ = ["METHODS", "DirectMerge", "ResidualMerge", "LayerwiseMerge", "FisherMaskMerge", "ComplementMerge",
+           "ProtectMerge", "safety_weights"]
+
+#: k of a subspace: a positive integer, or "auto" (chosen per scope from the spectrum by ``k_rule``)
+KChoice = Annotated[int, Field(ge=1)] | Literal["auto"]
 
 
 def linear_blend(A: torch.Tensor, B: torch.Tensor, A_P: torch.Tensor, B_P: torch.Tensor,
@@ -62,10 +74,17 @@ class DirectMerge(TaskArithmeticMethod):
     name = "direct"
 
 
-class SubspaceParams(MethodParams):
+class AutoKParams(MethodParams):
+    k_rule: Literal["mass", "eigengap"] = Field(
+        "mass", description="with k = auto: mass = the smallest k whose top eigenvalues hold k_mass of the positive "
+        "spectrum's sum; eigengap = the k before the largest ratio λ_k/λ_(k+1)")
+    k_mass: float = Field(0.9, gt=0.0, le=1.0, description="share of the spectrum's mass for k = auto with k_rule mass")
+
+
+class SubspaceParams(AutoKParams):
     """Parameters of the Fisher-subspace modes."""
 
-    k: int = Field(10, ge=1, description="dimension of the safety subspace")
+    k: KChoice = Field(10, description="dimension of the safety subspace, or auto (per scope, from the spectrum)")
     scope: Literal["global", "per_module"] = Field("global", description="one subspace over all modules, or one per module")
     clamp_k: bool = Field(False, description="if k exceeds the available rank, use the rank (recorded) instead of failing")
     damping: float = Field(1e-3, gt=0, description="relative damping ε: δ = ε · tr(F_benign) / D")
@@ -91,12 +110,49 @@ class LayerwiseParams(SubspaceParams, BlendParams):
         "minimal) or a YAML file {q_proj: 0.3, ..., default: 0.5}")
 
 
-class FisherMaskParams(BlendParams):
-    k: int = Field(10, ge=1, description="number of coordinates kept (top F_harm/F_benign ratios)")
+class FisherMaskParams(BlendParams, AutoKParams):
+    k: KChoice = Field(10, description="number of coordinates kept (top F_harm/F_benign ratios), or auto")
     scope: Literal["global", "per_module"] = Field("global", description="one mask over all modules, or one per module")
     clamp_k: bool = Field(False, description="if k exceeds the coordinates with a positive ratio, use those instead of failing")
     damping: float = Field(1e-3, gt=0, description="relative damping ε: δ = ε · Σ diag(F_benign) / D")
     residual_ratio: float = Field(0.7, ge=0.0, le=1.0, description="ΔW'_S = r·ΔW_S + (1-r)·ΔW_mask(S)")
+
+
+def _function_share(A: torch.Tensor, B: torch.Tensor, norm_dW: float) -> float:
+    """``‖B' A'‖ / ‖B A‖`` (the LoRA scale cancels): the share of the weight update a module keeps."""
+    return float((B.double() @ A.double()).norm()) / norm_dW if norm_dW > 0 else 0.0
+
+
+def _update_norms(adapter: LoraAdapter) -> dict[str, float]:
+    """``‖B A‖`` per module (ΔW = s·B A; the scale is left out, it cancels in every share)."""
+    return {m: float((lm.B.double() @ lm.A.double()).norm()) for m, lm in adapter.modules.items()}
+
+
+def _factors(lm: LoraModule, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of module ``lm``'s shapes from a flat ``[vec(A); vec(B)]`` (float32, the output dtype)."""
+    nA = lm.A.numel()
+    return flat[:nA].reshape(lm.A.shape).to(torch.float32), flat[nA:].reshape(lm.B.shape).to(torch.float32)
+
+
+def _predicted(n_harm: int, direct: np.ndarray, merged: np.ndarray | None, note: str = "") -> dict[str, Any]:
+    """The report's ``predicted_effect``: quadratic forms for the adapter as given (direct) and as merged."""
+    out: dict[str, Any] = {"direct": quadratic_forms(direct, n_harm)}
+    if merged is not None:
+        out["merge"] = quadratic_forms(merged, n_harm)
+    if note:
+        out["note"] = note
+    return out
+
+
+_FORMS_NOTE = ("refusal_gain = mean over harmful samples of g_iᵀx (first-order change of the refusal log-likelihood; "
+               "for x = the whole adapter it is twice the first-order effect of its ΔW), benign_gain likewise over "
+               "benign samples, harm_form = xᵀ F_harm x, benign_form = xᵀ F_benign x, at the Fisher point")
+
+
+def _require_nonzero(adapter: LoraAdapter, norms: dict[str, float], role: str) -> None:
+    if all(n == 0.0 for n in norms.values()):
+        raise FisherError(f"{adapter.name}: the {role} adapter's update ΔW is zero in every module (untrained, or "
+                          "B = 0); there is nothing to decompose")
 
 
 class _SubspaceMerge(TaskArithmeticMethod):
@@ -121,11 +177,8 @@ class _SubspaceMerge(TaskArithmeticMethod):
         from .subspace import project_safety_from_cache
 
         safety, params = inputs.safety, options.params
-
-        # ‖B A‖ per module, once: zero modules (ΔW = s·B A with s > 0) and the function-level shares below
-        norm_dW = {m: float((lm.B.double() @ lm.A.double()).norm()) for m, lm in safety.modules.items()}
-        zero = [m for m, n in norm_dW.items() if n == 0.0]
-        if len(zero) == len(safety.modules):
+        norm_dW = _update_norms(safety)  # ‖B A‖ per module, once: zero modules and the function-level shares
+        if all(n == 0.0 for n in norm_dW.values()):
             raise FisherError(
                 f"{safety.name}: the safety adapter's update ΔW is zero in every module (untrained, or B = 0); "
                 "there is nothing to project"
@@ -133,31 +186,40 @@ class _SubspaceMerge(TaskArithmeticMethod):
         phi = flat_phi(safety)
         estimator = self.estimator(params)
         run, proj = project_safety_from_cache(ctx.fisher, phi, k=params.k, scope=params.scope,  # cached
-                                              estimator=estimator, eps=params.damping, clamp_k=params.clamp_k)
+                                              estimator=estimator, eps=params.damping, clamp_k=params.clamp_k,
+                                              k_rule=params.k_rule, k_mass=params.k_mass)
         modules, kept = {}, {}
+        G_blend = np.zeros_like(next(iter(proj.G_P.values())))
         for m, lm in safety.modules.items():
             sigma = self.strength(m, params)
-            nA = lm.A.numel()
-            A_P = proj.P_phi[m][:nA].reshape(lm.A.shape).to(torch.float32)  # the projected factors
-            B_P = proj.P_phi[m][nA:].reshape(lm.B.shape).to(torch.float32)
+            A_P, B_P = _factors(lm, proj.P_phi[m])  # the projected factors
             if params.blend == "linear":
                 A, B = linear_blend(lm.A, lm.B, A_P, B_P, sigma)
             else:
-                new = layerwise_blend(phi[m], proj.P_phi[m], sigma)
-                A = new[:nA].reshape(lm.A.shape).to(torch.float32)
-                B = new[nA:].reshape(lm.B.shape).to(torch.float32)
+                A, B = _factors(lm, layerwise_blend(phi[m], proj.P_phi[m], sigma))
+                G_blend += (1.0 - sigma) * run.stats.G_phi[m] + sigma * proj.G_P[m]
             modules[m] = LoraModule(A=A, B=B, scale=lm.scale)
-            norm, dW = float(phi[m].norm()), norm_dW[m]
+            norm = float(phi[m].norm())
             kept[m] = {
                 "strength": sigma,
                 "projection_norm_kept": float(proj.P_phi[m].norm()) / norm if norm > 0 else 0.0,
-                "projected_delta_norm_kept": float((B_P.double() @ A_P.double()).norm()) / dW if dW > 0 else 0.0,
-                "delta_norm_kept": float((B.double() @ A.double()).norm()) / dW if dW > 0 else 0.0,
+                "projected_delta_norm_kept": _function_share(A_P, B_P, norm_dW[m]),
+                "delta_norm_kept": _function_share(A, B, norm_dW[m]),
             }
         projected = LoraAdapter(modules=modules, full_tensors=safety.full_tensors, config=safety.config,
                                 path=safety.path, files=safety.files)
         phi_all = torch.cat([phi[m] for m in sorted(phi)])
         P_all = torch.cat([proj.P_phi[m] for m in sorted(phi)])
+        n_harm = run.stats.n_harm
+        G_direct = sum(run.stats.G_phi[m] for m in safety.modules)
+        G_proj = sum(proj.G_P[m] for m in safety.modules)
+        if params.blend == "linear":
+            predicted = _predicted(n_harm, G_direct, None, _FORMS_NOTE + "; a linear blend adds the weight updates "
+                                   "(1-σ)ΔW_S + σΔW_PS, which no single factor vector represents: the forms are given "
+                                   "for its two ends, the adapter (direct) and its projection (projected)")
+        else:
+            predicted = _predicted(n_harm, G_direct, G_blend, _FORMS_NOTE)
+        predicted["projected"] = quadratic_forms(G_proj, n_harm)
         report = {
             "estimator": estimator,
             "scope": params.scope,
@@ -170,10 +232,13 @@ class _SubspaceMerge(TaskArithmeticMethod):
             "projection_norm_kept_total": float(P_all.norm() / phi_all.norm()),
             "blend": params.blend,
             "delta_norm_kept_median": float(torch.tensor([e["delta_norm_kept"] for e in kept.values()]).median()),
+            "predicted_effect": predicted,
             "per_module": kept,
             "fisher": run.meta,
             **self.describe(params),
         }
+        if params.k == "auto":
+            report.update(k_rule=params.k_rule, k_mass=params.k_mass)
         return inputs.replace(safety=projected), report
 
 
@@ -222,3 +287,175 @@ class FisherMaskMerge(ResidualMerge):
         return "diagonal"  # the coordinate mask is the point of this baseline
 
 
+
+
+# --------------------------------------------------------------------------------------- decomposition modes
+class _DecompositionParams(MethodParams):
+    scope: Literal["global", "per_module"] = Field(
+        "global", description="one eigenbasis over all modules, or one per module (block-diagonal Fisher)")
+    damping: float = Field(1e-3, gt=0, description="relative damping ε: δ = ε · tr(F_benign) / D")
+
+
+class ComplementParams(_DecompositionParams):
+    threshold: float = Field(
+        1.0, description="remove the directions whose λ (safety per unit of utility cost, "
+        "vᵀF_harm v / vᵀ(F_benign+δI)v) is below this; 1 = break-even. Must lie within each scope's spectrum")
+    bottom_k: int | None = Field(
+        None, ge=0, description="instead of the threshold, remove the bottom k directions of each scope's spectrum "
+        "(0: none, the merge is direct)")
+    clamp_k: bool = Field(False, description="if bottom_k exceeds a scope's rank, remove all its directions (recorded) "
+                          "instead of failing")
+
+
+class ProtectParams(_DecompositionParams, AutoKParams):
+    k: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="remove the top k directions (largest λ: where a utility update moves refusals most per "
+        "unit of benign effect) from each utility adapter; 0: none; auto: per scope from the spectrum")
+    clamp_k: bool = Field(False, description="if k exceeds the positive eigenvalues of a scope, use them all (recorded)")
+
+
+def _decompose_report(removal, kept: dict, norms_before: torch.Tensor, norms_removed: torch.Tensor,
+                      n_harm: int, G_direct: np.ndarray, G_after: np.ndarray, run) -> dict[str, Any]:
+    scopes = removal.scopes
+    total = {key: sum(sc[key] for sc in scopes.values())
+             for key in ("predicted_safety_before", "predicted_safety_after",
+                         "predicted_utility_cost_before", "predicted_utility_cost_after")}
+    return {
+        **total,
+        "removed_directions": {name: len(sc["removed"]) for name, sc in scopes.items()},
+        "factor_norm_removed_share": float(norms_removed / norms_before) if norms_before > 0 else 0.0,
+        "delta_norm_kept_median": float(torch.tensor([e["delta_norm_kept"] for e in kept.values()]).median()),
+        "delta_norm_kept_min": min(e["delta_norm_kept"] for e in kept.values()),
+        "predicted_effect": _predicted(n_harm, G_direct, G_after, _FORMS_NOTE),
+        "scopes": scopes,
+        "per_module": kept,
+        "fisher": run.meta,
+    }
+
+
+def _remove_from(adapter: LoraAdapter, run, removal) -> tuple[LoraAdapter, dict, np.ndarray, np.ndarray, float, float]:
+    """``φ' = φ − removed`` per module of ``adapter`` (the adapter the Fisher run differentiated)."""
+    from ..fisher.point import flat_phi
+
+    phi = flat_phi(adapter)
+    norm_dW = _update_norms(adapter)
+    modules, kept = {}, {}
+    G_direct = sum(run.stats.G_phi[m] for m in phi)
+    G_after = G_direct - sum(removal.G_removed[m] for m in phi)
+    sq_before = sq_removed = 0.0
+    for m, lm in adapter.modules.items():
+        new = phi[m] - removal.removed[m]
+        A, B = _factors(lm, new)
+        modules[m] = LoraModule(A=A, B=B, scale=lm.scale) if removal.removed[m].any() else lm
+        sq_before += float(phi[m].square().sum())
+        sq_removed += float(removal.removed[m].square().sum())
+        kept[m] = {"delta_norm_kept": _function_share(modules[m].A, modules[m].B, norm_dW[m]),
+                   "factor_norm_removed": float(removal.removed[m].norm() / phi[m].norm()) if phi[m].any() else 0.0}
+    new_adapter = LoraAdapter(modules=modules, full_tensors=adapter.full_tensors, config=adapter.config,
+                              path=adapter.path, files=[] if any(removal.removed[m].any() for m in phi) else adapter.files)
+    return new_adapter, kept, G_direct, G_after, sq_before ** 0.5, sq_removed ** 0.5
+
+
+@register_method
+class ComplementMerge(TaskArithmeticMethod):
+    """Tax removal: the safety adapter without its components along the directions of lowest λ (safety per utility)."""
+
+    name = "complement"
+    Params = ComplementParams
+    needs_fisher = True
+    needs_safety = True
+
+    def transform(self, inputs: MergeInputs, options: MergeOptions, ctx: MergeContext) -> tuple[MergeInputs, dict]:
+        from .subspace import remove_directions, with_fisher
+
+        params = options.params
+        _require_nonzero(inputs.safety, _update_norms(inputs.safety), "safety")
+
+        def select(basis, scope_name: str) -> np.ndarray:
+            lam = basis.eigenvalues
+            mask = np.zeros(lam.size, dtype=bool)
+            if params.bottom_k is not None:
+                k = params.bottom_k
+                if k > lam.size and not params.clamp_k:
+                    raise FisherError(f"complement, scope {scope_name}: bottom_k={k} but the gradient span has only "
+                                      f"{lam.size} directions; use bottom_k <= {lam.size} or --clamp-k")
+                mask[lam.size - min(k, lam.size):] = True
+                return mask
+            lo, hi = float(lam.min()), float(lam.max())
+            if not lo < params.threshold <= hi:
+                raise FisherError(
+                    f"complement, scope {scope_name}: threshold {params.threshold:g} lies outside the spectrum "
+                    f"[{lo:.4g}, {hi:.4g}] and would remove {'no' if params.threshold <= lo else 'every'} direction; "
+                    "choose a threshold inside it (`sst-merge fisher` prints the spectrum) or use --bottom-k")
+            return lam < params.threshold
+
+        run, removal = with_fisher(ctx.fisher, lambda run: remove_directions(run, scope=params.scope,
+                                                                             eps=params.damping, select=select))
+        safety, kept, G_direct, G_after, norm, removed = _remove_from(inputs.safety, run, removal)
+        report = {"scope": params.scope, "damping_eps": params.damping,
+                  **({"bottom_k": params.bottom_k} if params.bottom_k is not None else {"threshold": params.threshold}),
+                  **_decompose_report(removal, kept, norm, removed, run.stats.n_harm, G_direct, G_after, run)}
+        return inputs.replace(safety=safety), report
+
+
+@register_method
+class ProtectMerge(TaskArithmeticMethod):
+    """Utility protection: each utility adapter without its top-k directions where harm Fisher dominates benign."""
+
+    name = "protect"
+    Params = ProtectParams
+    needs_fisher = True
+    needs_safety = True
+
+    def validate(self, inputs: MergeInputs, options: MergeOptions) -> list[str]:
+        if not inputs.utility:
+            raise ConfigError("protect transforms the utility adapters: pass at least one --utility adapter")
+        targets = set(inputs.safety.specs)
+        for u in inputs.utility:
+            if u.full_shapes:
+                raise UnsupportedAdapterError(
+                    f"{u.name}: protect differentiates the utility adapter's LoRA factors and does not handle its "
+                    f"modules_to_save tensors ({sorted(u.full_shapes)}); use an adapter without modules_to_save")
+            if set(u.specs) != targets:
+                only_u, only_s = sorted(set(u.specs) - targets), sorted(targets - set(u.specs))
+                raise AdapterMismatchError(
+                    f"{u.name}: protect compares each utility update with the safety adapter module by module, but "
+                    f"their target modules differ (only in the utility adapter: {only_u[:3]}{'...' if len(only_u) > 3 else ''}; "
+                    f"only in the safety adapter: {only_s[:3]}{'...' if len(only_s) > 3 else ''}); train both on the "
+                    "same target_modules, or use complement or direct")
+        return []
+
+    def transform(self, inputs: MergeInputs, options: MergeOptions, ctx: MergeContext) -> tuple[MergeInputs, dict]:
+        from ..fisher.point import fisher_target
+        from .subspace import remove_directions, with_fisher
+
+        params = options.params
+
+        def select(basis, scope_name: str) -> np.ndarray:
+            where = f"protect, scope {scope_name}"
+            k = choose_k(basis.eigenvalues, params.k_rule, params.k_mass, where) if params.k == "auto" else params.k
+            if k > basis.positive and not params.clamp_k:
+                raise FisherError(f"{where}: k={k} but only {basis.positive} generalized eigenvalues are positive; "
+                                  f"use k <= {basis.positive}, more harmful samples, or --clamp-k")
+            mask = np.zeros(basis.rank, dtype=bool)
+            mask[: min(k, basis.positive)] = True
+            return mask
+
+        utility, coefficients, reports = list(inputs.utility), list(inputs.coefficients), {}
+        for j, (adapter, c) in enumerate(zip(inputs.utility, inputs.coefficients)):
+            if c == 0.0:
+                reports[adapter.name] = {"skipped": "coefficient 0: the adapter does not enter the merge"}
+                continue
+            target = fisher_target(adapter, c)  # c_j ΔW_Uj, c_j folded into B
+            _require_nonzero(target, _update_norms(target), "utility")
+            run, removal = with_fisher(lambda j=j: ctx.fisher(j), lambda run: remove_directions(
+                run, scope=params.scope, eps=params.damping, select=select))
+            new, kept, G_direct, G_after, norm, removed = _remove_from(target, run, removal)
+            if removed > 0.0:  # else the adapter (and its coefficient) stays exactly as given
+                utility[j], coefficients[j] = new, 1.0
+            reports[adapter.name] = {"coefficient": c, **_decompose_report(removal, kept, norm, removed,
+                                                                           run.stats.n_harm, G_direct, G_after, run)}
+        report = {"scope": params.scope, "damping_eps": params.damping, "k_requested": params.k,
+                  **({"k_rule": params.k_rule, "k_mass": params.k_mass} if params.k == "auto" else {}),
+                  "utility": reports}
+        return inputs.replace(utility=tuple(utility), coefficients=tuple(coefficients)), report

@@ -37,6 +37,27 @@ def summary_text(report: dict[str, Any]) -> str:
             lines.append(f"  residual_ratio: {m['residual_ratio']}")
         if m.get("preset"):
             lines.append(f"  preset: {m['preset']} {m['strengths']}")
+    if m.get("predicted_utility_cost_before") is not None:  # complement
+        lines.append(f"complement: removed {sum(m['removed_directions'].values())} directions over "
+                     f"{len(m['removed_directions'])} scope(s); {m['factor_norm_removed_share']:.3f} of ‖φ‖")
+        lines.append(f"  predicted utility cost Σc²: {m['predicted_utility_cost_before']:.4g} → "
+                     f"{m['predicted_utility_cost_after']:.4g}; predicted safety Σλc²: "
+                     f"{m['predicted_safety_before']:.4g} → {m['predicted_safety_after']:.4g}")
+        lines.append(f"  ‖ΔW'‖/‖ΔW‖ per module: median {m['delta_norm_kept_median']:.3f}, min {m['delta_norm_kept_min']:.3f}")
+    for name, u in (m.get("utility") or {}).items() if isinstance(m.get("utility"), dict) else ():
+        if "predicted_effect" in u:  # protect
+            pe = u["predicted_effect"]
+            lines.append(f"protect {name}: removed {sum(u['removed_directions'].values())} directions, "
+                         f"‖ΔW'‖/‖ΔW‖ median {u['delta_norm_kept_median']:.3f}; first-order refusal gain "
+                         f"{pe['direct']['refusal_gain']:.4g} → {pe['merge']['refusal_gain']:.4g}")
+        else:
+            lines.append(f"protect {name}: {u.get('skipped')}")
+    pe = m.get("predicted_effect")
+    if pe and "merge" in pe:
+        d, g = pe["direct"], pe["merge"]
+        lines.append(f"predicted effect (Fisher forms, direct → merge): refusal gain {d['refusal_gain']:.4g} → "
+                     f"{g['refusal_gain']:.4g}; φᵀF_harm φ {d['harm_form']:.4g} → {g['harm_form']:.4g}; "
+                     f"φᵀF_benign φ {d['benign_form']:.4g} → {g['benign_form']:.4g}")
     for key in ("density", "majority_sign_method", "seed", "similarity_threshold", "safemerge_alpha"):
         if m.get(key) is not None:
             lines.append(f"{key}: {m[key]}")

@@ -65,9 +65,14 @@ def merge_facts(folder: Path | None) -> dict[str, Any] | None:
     report = json.loads(report_file.read_text())
     method = report.get("method", {})
     facts = {"rank": report["output"]["rank"], "max_recompression_rel_error": report["output"].get("max_recompression_rel_error")}
-    for key in ("effective_k", "projection_norm_kept_total", "n_modules_projected", "n_modules_flagged"):
+    for key in ("effective_k", "projection_norm_kept_total", "n_modules_projected", "n_modules_flagged",
+                "delta_norm_kept_median", "predicted_utility_cost_before", "predicted_utility_cost_after",
+                "predicted_effect"):
         if key in method:
             facts[key] = method[key]
+    if "utility" in method and isinstance(method["utility"], dict):  # protect: one entry per utility adapter
+        facts["protected"] = {name: {k: u.get(k) for k in ("delta_norm_kept_median", "predicted_effect")}
+                              for name, u in method["utility"].items() if "predicted_effect" in u}
     if "fisher" in method:
         facts["fisher_cache_hit"] = method["fisher"].get("cache_hit")
     return facts
@@ -102,6 +107,15 @@ def results_markdown(result: dict[str, Any]) -> str:
         bits = []
         if f.get("projection_norm_kept_total") is not None:
             bits.append(f"projection kept {100 * f['projection_norm_kept_total']:.1f}% of the safety adapter's norm")
+        if f.get("delta_norm_kept_median") is not None and "protected" not in f:
+            bits.append(f"the safety update keeps {100 * f['delta_norm_kept_median']:.1f}% of ‖ΔW‖ (median module)")
+        if f.get("predicted_utility_cost_before"):
+            bits.append(f"predicted utility cost {f['predicted_utility_cost_before']:.3g} → "
+                        f"{f['predicted_utility_cost_after']:.3g}")
+        for name, u in (f.get("protected") or {}).items():
+            pe = u["predicted_effect"]
+            bits.append(f"{name}: keeps {100 * u['delta_norm_kept_median']:.1f}% of ‖ΔW‖ (median module), first-order "
+                        f"refusal gain {pe['direct']['refusal_gain']:.3g} → {pe['merge']['refusal_gain']:.3g}")
         if f.get("max_recompression_rel_error"):
             bits.append(f"max SVD truncation error {100 * f['max_recompression_rel_error']:.1f}%")
         for key, what in (("n_modules_projected", "modules projected"), ("n_modules_flagged", "modules flagged")):
