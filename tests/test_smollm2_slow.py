@@ -83,6 +83,17 @@ def test_residual_merge_end_to_end_reuses_fisher(smollm2_dir, tmp_path):
     third = merge_utility_safety("smollm2", [u], s, tmp_path / "r07", k=4, **{**common, "residual_ratio": 0.7})
     kept = [e["delta_norm_kept"] for e in third.report["method"]["per_module"].values()]
     assert len(kept) == 4 * 30 and all(abs(x - 0.7) <= 0.02 for x in kept), (min(kept), max(kept))
+    # complement keeps nearly all of the safety update and lowers its predicted utility cost (same Fisher entry)
+    comp = merge_utility_safety("smollm2", [u], s, tmp_path / "comp",
+                                **{k: v for k, v in common.items() if k not in ("mode", "residual_ratio")},
+                                mode="complement")
+    m = comp.report["method"]
+    assert m["fisher"]["cache_hit"] is True
+    kept = [e["delta_norm_kept"] for e in m["per_module"].values()]
+    assert min(kept) >= 0.9, min(kept)
+    assert m["predicted_utility_cost_after"] < m["predicted_utility_cost_before"]
+    pe = m["predicted_effect"]
+    assert pe["merge"]["benign_form"] < pe["direct"]["benign_form"]
 
 
 def test_quick_profile_on_smollm2(tmp_path):

@@ -75,6 +75,7 @@ class DirectMerge(TaskArithmeticMethod):
 
 
 class AutoKParams(MethodParams):
+    k: KChoice = Field(10, description="number of directions, or auto (per scope, from the spectrum)")
     k_rule: Literal["mass", "eigengap"] = Field(
         "mass", description="with k = auto: mass = the smallest k whose top eigenvalues hold k_mass of the positive "
         "spectrum's sum; eigengap = the k before the largest ratio λ_k/λ_(k+1)")
@@ -167,7 +168,7 @@ class _SubspaceMerge(TaskArithmeticMethod):
 
     @abstractmethod
     def strength(self, module: str, params: Any) -> float:
-        """Projection strength σ_m ∈ [0, 1]: φ'_m = (1 − σ_m) φ_m + σ_m P φ_m."""
+        """Projection strength σ_m ∈ [0, 1]: ΔW'_m = (1 − σ_m)·ΔW_m + σ_m·ΔW_PS,m (or the same blend of the factors)."""
 
     def describe(self, params: Any) -> dict[str, Any]:
         return {}
@@ -244,7 +245,7 @@ class _SubspaceMerge(TaskArithmeticMethod):
 
 @register_method
 class ResidualMerge(_SubspaceMerge):
-    """Residual: φ' = (1 − r) P φ + r φ with r = residual_ratio, the same for every module."""
+    """Residual: ΔW'_S = r·ΔW_S + (1 − r)·ΔW_PS, the safety update blended with its top-k projection."""
 
     name = "residual"
     Params = ResidualParams
@@ -258,7 +259,7 @@ class ResidualMerge(_SubspaceMerge):
 
 @register_method
 class LayerwiseMerge(_SubspaceMerge):
-    """Layerwise: φ'_m = (1 − σ_t) φ_m + σ_t P φ_m, σ_t by module type from a preset or YAML table."""
+    """Layerwise: ΔW'_m = (1 − σ_t)·ΔW_m + σ_t·ΔW_PS,m, σ_t by module type from a preset or YAML table."""
 
     name = "layerwise"
     Params = LayerwiseParams
