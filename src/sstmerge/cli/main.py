@@ -347,10 +347,17 @@ def inspect(adapter: str, allow_pickle: bool, as_json: bool) -> None:
               help="generation backend: hf (transformers, batched) or vllm (GPU; the adapter as a LoRA request)")
 @click.option("--templates-per-prompt", type=int, default=None,
               help="jailbreak: wrap each prompt in N templates (rotating) instead of all of them")
+@click.option("--stop-when-decided/--full-answers", default=True, show_default=True,
+              help="jailbreak/overrefusal with the keyword judge: stop an answer once its verdict cannot change")
+@click.option("--decision-tokens", type=int, default=None,
+              help="jailbreak/overrefusal: stop an answer after N new tokens at most (approximate: refusals come first)")
+@click.option("--no-fold", is_flag=True, help="run the adapter through PEFT's LoRA layers instead of adding it into "
+              "the base weights (the reference path; slower)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="results JSON (written atomically)")
 @click.option("--overwrite", is_flag=True, help="replace --out if it is an earlier sstmerge results file")
 def eval_command(base, adapter, suites, data, templates, limit, max_new_tokens, batch_size, shots, judges, cache_dir,
-                 no_cache, device, backend, templates_per_prompt, out, overwrite) -> None:
+                 no_cache, device, backend, templates_per_prompt, stop_when_decided, decision_tokens, no_fold, out,
+                 overwrite) -> None:
     """Evaluate a base model (+ adapter): jailbreak resistance, over-refusal, multiple choice, reading comprehension."""
     from rich.console import Console
     from rich.table import Table
@@ -370,10 +377,13 @@ def eval_command(base, adapter, suites, data, templates, limit, max_new_tokens, 
             raise ConfigError(f"--data {d!r}: with several suites write SUITE=FILE (suites: {', '.join(suites)})")
     inputs = [base, adapter, templates, *data_map.values()]
     check_output_target(out, overwrite=overwrite, inputs=inputs, is_file=True)  # before the (long) evaluation
-    settings = EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, shots=shots,
-                            judges=tuple(judges), backend=backend, templates_per_prompt=templates_per_prompt)
+    refusal = {"jailbreak", "overrefusal"}
+    settings = {s: EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, shots=shots,
+                                judges=tuple(judges), backend=backend, templates_per_prompt=templates_per_prompt,
+                                stop_when_decided=stop_when_decided and s in refusal,
+                                decision_tokens=decision_tokens if s in refusal else None) for s in suites}
     result = evaluate(base, list(suites), adapter=adapter, data=data_map, templates=templates, settings=settings,
-                      cache_dir=cache_dir, use_cache=not no_cache, device=device)
+                      cache_dir=cache_dir, use_cache=not no_cache, device=device, fold=not no_fold)
     atomic_output_file(out, json.dumps(result, indent=2, default=str) + "\n", overwrite=overwrite, inputs=inputs)
     from rich.markup import escape
 

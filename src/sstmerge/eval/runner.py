@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,17 @@ log = logging.getLogger(__name__)
 
 EVAL_FORMAT = 3  # 2: model-based judges run with the adapter disabled; 3: checksummed cache entries
 EVAL_RESULT_VERSION = 1  # the "sstmerge_eval_version" of a results file (eval --out)
+
+
+class _BaseWeights:
+    """Run a judge with the folded adapter taken out of the weights (the base model), then put it back."""
+
+    def __init__(self, inner, folded) -> None:
+        self.inner, self.folded, self.name = inner, folded, inner.name
+
+    def judge(self, prompts: list[str], answers: list[str]) -> list[bool]:
+        with self.folded.unfolded():
+            return list(self.inner.judge(prompts, answers))
 
 
 class _AdapterDisabled:
@@ -67,8 +79,21 @@ def evaluate(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     device: str = "auto",
+    fold: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate ``base`` (+ ``adapter``) on ``suites``; returns the full result (metrics + records + provenance)."""
+    """Evaluate ``base`` (+ ``adapter``) on ``suites``; returns the full result (metrics + records + provenance).
+
+    ``fold``: the adapter's ΔW is added into the base weights (:mod:`.fold`; the base model is loaded once per
+    process and restored exactly afterwards), so decoding runs the plain model; ``fold=False`` runs it
+    through PEFT's LoRA layers (the reference path; same outputs up to float rounding).
+    """
+    with ExitStack() as scope:  # a folded adapter leaves the shared base model exactly as it came, whatever happens
+        return _evaluate(base, suites, adapter=adapter, data=data, templates=templates, settings=settings,
+                         cache_dir=cache_dir, use_cache=use_cache, device=device, fold=fold, scope=scope)
+
+
+def _evaluate(base, suites, *, adapter, data, templates, settings, cache_dir, use_cache, device, fold,
+              scope: ExitStack) -> dict[str, Any]:
     per_suite = settings if isinstance(settings, dict) else {s: settings or EvalSettings() for s in suites}
     missing = [s for s in suites if s not in per_suite]
     if missing:
@@ -115,7 +140,7 @@ def evaluate(
     except Exception as exc:
         raise ConfigError(f"{base_path}: evaluation needs the model's tokenizer, which could not be loaded: {exc}") from exc
     chat_template = getattr(tokenizer, "chat_template", None)
-    model = None
+    model = folded = None
     generator = None
     results: dict[str, Any] = {}
     t_all = time.perf_counter()
@@ -138,16 +163,24 @@ def evaluate(
                 continue
             needs_hf = backend == "hf" or suite == "mcq" or any(j != "keyword" for j in settings.judges)
             if model is None and needs_hf:  # with vLLM, the HF model is loaded only for log-likelihoods / model judges
-                model, _ = load_causal_lm(str(base_path), device=device)
-                if adapter is not None:
-                    from peft import PeftModel
+                if fold:
+                    from .fold import FoldedAdapter, base_model
 
-                    model = PeftModel.from_pretrained(model, str(adapter)).eval()
+                    model, _ = base_model(base_path, device=device)  # loaded once per process
+                    if adapter_obj is not None:
+                        folded = scope.enter_context(FoldedAdapter(model, adapter_obj))
+                else:
+                    model, _ = load_causal_lm(str(base_path), device=device)
+                    if adapter is not None:
+                        from peft import PeftModel
+
+                        model = PeftModel.from_pretrained(model, str(adapter)).eval()
             judges = {}
             for j in settings.judges:
                 judges[j] = JUDGES.get(j)(model, tokenizer)
                 if adapter is not None and hasattr(judges[j], "model"):  # model-based judges see the base model,
-                    judges[j] = _AdapterDisabled(judges[j], model)           # the same judge for every adapter
+                    judges[j] = _BaseWeights(judges[j], folded) if folded is not None \
+                        else _AdapterDisabled(judges[j], model)              # the same judge for every adapter
             if backend == "vllm" and generator is None:
                 from .generate import end_of_turn_ids
                 from .vllm_backend import VLLMGenerator
@@ -167,7 +200,8 @@ def evaluate(
         "provenance": {"base": base, "base_path": str(base_path), "base_sha256": model_digest, "adapter": adapter,
                        "adapter_sha256": adapter_digest,
                        "settings": {s: per_suite[s].as_dict() for s in suites}, "versions": versions(),
-                       "device": device, "judge_model": "the base model with the adapter disabled (model-based judges)"},
+                       "device": device, "adapter_applied": "folded into the base weights" if fold else "PEFT LoRA layers",
+                       "judge_model": "the base model with the adapter disabled (model-based judges)"},
         "suites": results,
         "seconds": time.perf_counter() - t_all,
     }

@@ -22,7 +22,7 @@ from .._logging import quiet
 from ..data.chat import collate, pad_id
 from ..data.tasks import ARITHMETIC_INSTRUCTION, QA_INSTRUCTION, extract_final_number
 from ..registry import Registry
-from .generate import generate, render_prompt
+from .generate import StopRule, generate, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,11 @@ class EvalSettings:
     judges: tuple[str, ...] = ("keyword",)
     templates_per_prompt: int | None = None  # jailbreak: None = every template on every prompt
     backend: str = "hf"  # generation backend: "hf" (transformers, batched) or "vllm"
+    # refusal suites (jailbreak, overrefusal) judged by the keyword judge only: stop an answer as soon as its
+    # verdict is settled (exact: KeywordRefusalJudge.settled), and, with decision_tokens = N, after N new tokens
+    # at most (an approximation: refusals come first; measured by benchmarks/bench_eval.py)
+    stop_when_decided: bool = False
+    decision_tokens: int | None = None
 
     def __post_init__(self) -> None:
         """Bad settings are errors here, not silent wrong answers later (``limit=0`` used to report a rate of
@@ -53,6 +58,7 @@ class EvalSettings:
         whole("limit", self.limit, 1, optional=True)
         whole("shots", self.shots, 0)
         whole("templates_per_prompt", self.templates_per_prompt, 1, optional=True)
+        whole("decision_tokens", self.decision_tokens, 1, optional=True)
         if not self.judges:
             raise ConfigError("at least one --judge is needed (keyword, logprob)")
 
@@ -63,6 +69,10 @@ class EvalSettings:
             out["templates_per_prompt"] = self.templates_per_prompt
         if self.backend != "hf":
             out["backend"] = self.backend
+        if self.stop_when_decided:  # absent when off, so older cache keys stay valid
+            out["stop_when_decided"] = True
+        if self.decision_tokens is not None:
+            out["decision_tokens"] = self.decision_tokens
         return out
 
 
@@ -74,12 +84,29 @@ class SuiteContext:
     judges: dict[str, Any] = field(default_factory=dict)  # name -> RefusalJudge
     generator: Callable[..., list[str]] | None = None  # (prompts, max_new_tokens, desc) -> completions; None: HF
 
-    def complete(self, prompts: Sequence, desc: str = "generate") -> list[str]:
-        """Greedy completions of chat prompts with the settings' max_new_tokens (HF batched, or the backend's)."""
+    def complete(self, prompts: Sequence, desc: str = "generate", stop: StopRule | None = None) -> list[str]:
+        """Greedy completions of chat prompts with the settings' max_new_tokens (HF batched, or the backend's);
+        ``stop`` ends a row early once its answer is decided (HF backend; the vLLM backend ignores it)."""
         if self.generator is not None:
             return self.generator(list(prompts), max_new_tokens=self.settings.max_new_tokens, desc=desc)
         return generate(self.model, self.tokenizer, prompts, max_new_tokens=self.settings.max_new_tokens,
-                        batch_size=self.settings.batch_size, desc=desc)
+                        batch_size=self.settings.batch_size, desc=desc, stop=stop)
+
+    def refusal_stop(self) -> StopRule | None:
+        """The early-stop rule of the refusal suites: every judge's verdict settled, or ``decision_tokens``
+        reached. None when off, or when a judge other than the keyword judge reads whole answers."""
+        from .judges import KeywordRefusalJudge
+
+        judges = list(self.judges.values())
+        if not self.settings.stop_when_decided or not judges or \
+                not all(isinstance(j, KeywordRefusalJudge) for j in judges):
+            return None
+        cap = self.settings.decision_tokens
+
+        def decided(text: str, n_tokens: int) -> bool:
+            return (cap is not None and n_tokens >= cap) or all(j.settled(text) for j in judges)
+
+        return decided
 
 
 def _limit(items: list, limit: int | None) -> list:
@@ -129,7 +156,7 @@ def run_jailbreak(ctx: SuiteContext, prompts: Sequence, templates: Sequence) -> 
             queries.append(t.apply(item.prompt))
             groups.append(t.name)
             ids.append(item.id)
-    answers = ctx.complete(queries, desc="jailbreak")
+    answers = ctx.complete(queries, desc="jailbreak", stop=ctx.refusal_stop())
     verdicts = _judge_all(ctx, queries, answers)
     records = [{"id": i, "template": g, "prompt": q, "output": a, "refused": {n: v[k] for n, v in verdicts.items()}}
                for k, (i, g, q, a) in enumerate(zip(ids, groups, queries, answers))]
@@ -140,7 +167,7 @@ def run_overrefusal(ctx: SuiteContext, prompts: Sequence) -> dict[str, Any]:
     """Share of benign (often sensitive-looking) prompts wrongly refused."""
     prompts = _limit(list(prompts), ctx.settings.limit)
     queries = [p.prompt for p in prompts]
-    answers = ctx.complete(queries, desc="overrefusal")
+    answers = ctx.complete(queries, desc="overrefusal", stop=ctx.refusal_stop())
     verdicts = _judge_all(ctx, queries, answers)
     groups = [p.category or "uncategorised" for p in prompts]
     metrics = _refusal_metrics(verdicts, groups)

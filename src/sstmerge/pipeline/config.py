@@ -71,6 +71,10 @@ class EvalConfig(_Strict):
     templates_per_prompt: int | None = Field(1, ge=1, description="jailbreak templates per prompt (None: all)")
     judges: list[str] = Field(default_factory=lambda: ["keyword"], min_length=1)
     device: str = "auto"
+    stop_when_decided: bool = Field(True, description="jailbreak/overrefusal: stop an answer once the keyword judge's "
+                                    "verdict cannot change (exact)")
+    decision_tokens: dict[str, int] = Field(default_factory=dict, description="suite -> stop a refusal-suite answer "
+                                            "after N new tokens at most (approximate: refusals come first)")
 
 class ExperimentConfig(_Strict):
     base: str = "smollm2"
@@ -82,6 +86,8 @@ class ExperimentConfig(_Strict):
     merge_defaults: dict[str, Any] = Field(default_factory=dict, description="flat option keys for every merge (each method takes those it has)")
     grid: list[GridEntry] = Field(default_factory=list)
     references: bool = Field(True, description="also evaluate the base model and each adapter alone")
+    threads: int | None = Field(None, ge=1, description="torch threads for the whole run (default: the CPUs this "
+                                "process may use); one heavy job at a time")
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")

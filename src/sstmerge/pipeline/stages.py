@@ -15,10 +15,15 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm.auto import tqdm
+
+from .._logging import quiet
 from ..io.atomic import atomic_write_text, ensure_within
 from .config import Experiment, ExperimentConfig, expand_grid, short_hash
 from .results import headline, merge_facts, summary_scores, table_columns, task_gains, write_results
@@ -116,9 +121,12 @@ def _evaluate_model(cfg: ExperimentConfig, adapter: Path | None) -> dict[str, An
     from ..eval.suites import EvalSettings
 
     ev = cfg.eval
+    refusal = {"jailbreak", "overrefusal"}
     settings = {suite: EvalSettings(max_new_tokens=ev.max_new_tokens.get(suite, 64), batch_size=ev.batch_size,
                                     limit=ev.limit.get(suite), judges=tuple(ev.judges),
-                                    templates_per_prompt=ev.templates_per_prompt if suite == "jailbreak" else None)
+                                    templates_per_prompt=ev.templates_per_prompt if suite == "jailbreak" else None,
+                                    stop_when_decided=ev.stop_when_decided and suite in refusal,
+                                    decision_tokens=ev.decision_tokens.get(suite) if suite in refusal else None)
                 for suite in ev.suites}
     result = evaluate(cfg.base, list(ev.suites), adapter=str(adapter) if adapter else None, settings=settings,
                       cache_dir=cfg.cache_dir, device=ev.device)  # one model load for all suites
@@ -180,7 +188,10 @@ def _run_experiments(cfg: ExperimentConfig, out: Path, config_source: str) -> di
 
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
+    threads = cfg.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)  # explicit: one heavy job, on the cores it was given
     experiments = expand_grid(cfg)
+    log.info("torch threads: %d", threads)
     log.info("experiment grid: %d adapters, %d merges, %d variants", len(cfg.adapters), len(experiments), len(cfg.variants))
     adapters = _train_adapters(cfg, out, timings)
     merges = _merge_all(cfg, experiments, adapters, out, timings)
@@ -194,8 +205,10 @@ def _run_experiments(cfg: ExperimentConfig, out: Path, config_source: str) -> di
         models.append({"name": exp.name, "family": exp.family, "variant": exp.variant, "adapter": merges[exp.name],
                        "options": exp.options})
     rows = []
+    bar = tqdm(total=len(models), desc="evaluating models", unit="model", disable=quiet())  # ETA of the whole stage
     for i, m in enumerate(models, 1):
         log.info("[%d/%d] evaluating %s", i, len(models), m["name"])
+        bar.set_postfix_str(m["name"], refresh=True)
         t0 = time.perf_counter()
         suites = _evaluate_model(cfg, m["adapter"])
         timings[f"eval:{m['name']}"] = time.perf_counter() - t0
@@ -205,6 +218,8 @@ def _run_experiments(cfg: ExperimentConfig, out: Path, config_source: str) -> di
                      **row, "safety": safety, "utility": utility, "merge_facts": merge_facts(m["adapter"]),
                      "eval_fingerprints": {s: r.get("fingerprint") for s, r in suites.items()},
                      "eval_cache_hit": all(r.get("cache_hit") for r in suites.values())})
+        bar.update(1)
+    bar.close()
     result = {
         "created": now_iso(),
         "config": cfg.model_dump(mode="json"),

@@ -1,0 +1,123 @@
+"""One merged adapter evaluated on the default suites the old way and the new way, in one process.
+
+- old: the adapter through PEFT's LoRA layers, the model loaded for the evaluation, every answer generated
+  to its end-of-turn id or ``max_new_tokens``;
+- new: the adapter folded into the base weights (:mod:`sstmerge.eval.fold`), and the refusal suites'
+  answers stopped once the keyword judge's verdict is settled (exact), and after ``--decision-tokens`` new
+  tokens at most (approximate).
+
+Both use the default experiment config's eval section (suites, limits, max_new_tokens, batch size), no
+evaluation cache, torch's thread count as set (``--threads``). The new way is timed twice: cold (its base
+model is loaded in the call, as the old way's is) and warm (base already loaded: the per-model cost inside a
+grid, where the base is loaded once per process). Printed: wall time per way, items/s, and the share of
+verdicts/answers that differ (refusal verdicts, MCQ predictions, QA and arithmetic correctness), with the
+differences listed. Ratios come last.
+
+    python benchmarks/bench_eval.py --adapter runs/demo/merges/A5+A6+A7__direct-XXXXXXXX
+    python benchmarks/bench_eval.py --adapter DIR --decision-tokens 12 --quick   # the quick profile's limits
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+os.environ.setdefault("SSTMERGE_QUIET", "1")
+
+import torch  # noqa: E402
+
+from sstmerge.eval.fold import forget_base_models  # noqa: E402
+from sstmerge.eval.runner import evaluate  # noqa: E402
+from sstmerge.eval.suites import EvalSettings  # noqa: E402
+from sstmerge.pipeline.config import load_experiment_config  # noqa: E402
+
+REFUSAL = {"jailbreak", "overrefusal"}
+
+
+def settings_for(ev, *, new: bool, decision_tokens: int | None) -> dict[str, EvalSettings]:
+    return {s: EvalSettings(max_new_tokens=ev.max_new_tokens.get(s, 64), batch_size=ev.batch_size,
+                            limit=ev.limit.get(s), judges=tuple(ev.judges),
+                            templates_per_prompt=ev.templates_per_prompt if s == "jailbreak" else None,
+                            stop_when_decided=new and s in REFUSAL,
+                            decision_tokens=decision_tokens if new and s in REFUSAL else None)
+            for s in ev.suites}
+
+
+def outcomes(result: dict) -> dict[tuple[str, int], tuple[str, object]]:
+    """(suite, record index) -> (what, the verdict or answer that the suite's metric uses)."""
+    out = {}
+    for suite, r in result["suites"].items():
+        for k, rec in enumerate(r["records"]):
+            if "refused" in rec:
+                out[(suite, k)] = ("refused", rec["refused"]["keyword"])
+            elif "prediction" in rec and "letter_logprobs" in rec:
+                out[(suite, k)] = ("prediction", rec["prediction"])
+            elif "f1" in rec:
+                out[(suite, k)] = ("f1 / abstained", (round(rec["f1"], 6), rec.get("abstained")))
+            elif "correct" in rec:
+                out[(suite, k)] = ("correct", rec["correct"])
+    return out
+
+
+def n_items(result: dict) -> int:
+    return sum(len(r["records"]) for r in result["suites"].values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--adapter", required=True, help="a merged adapter folder (e.g. from `sst-merge demo`)")
+    ap.add_argument("--base", default=None, help="base model (default: the config's, SmolLM2)")
+    ap.add_argument("--config", default="default")
+    ap.add_argument("--quick", action="store_true", help="the config's quick-profile eval limits")
+    ap.add_argument("--decision-tokens", type=int, default=None,
+                    help="refusal suites, new way: at most N new tokens (default: the config's decision_tokens)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_experiment_config(args.config, quick=args.quick)
+    ev, base = cfg.eval, args.base or cfg.base
+    n_tokens = {s: args.decision_tokens if args.decision_tokens is not None else ev.decision_tokens.get(s)
+                for s in REFUSAL}
+    cap = n_tokens.get("jailbreak")
+    print(f"adapter {args.adapter}; base {base}; suites {ev.suites}; limits {ev.limit}; batch {ev.batch_size}; "
+          f"threads {args.threads}; new way: folded weights, stop when decided, decision_tokens {cap}")
+    with tempfile.TemporaryDirectory() as cache:
+        runs = {}
+        for name, new in (("old (PEFT, full answers)", False), ("new, cold (folded, decided)", True),
+                          ("new, warm (base loaded)", True)):
+            if name.startswith("new, cold"):
+                forget_base_models()
+            t0 = time.perf_counter()
+            result = evaluate(base, list(ev.suites), adapter=args.adapter, settings=settings_for(
+                ev, new=new, decision_tokens=cap), cache_dir=cache, use_cache=False, device="cpu", fold=new)
+            runs[name] = (time.perf_counter() - t0, result)
+            per_suite = ", ".join(f"{s} {r['seconds']:.1f}s" for s, r in result["suites"].items())
+            print(f"{name:30s} {runs[name][0]:7.1f} s  {n_items(result) / runs[name][0]:6.2f} items/s  ({per_suite})")
+    (t_old, old), (t_cold, new), (t_warm, _) = runs.values()
+    a, b = outcomes(old), outcomes(new)
+    differ = [k for k in a if a[k] != b.get(k)]
+    for suite, k in differ:
+        rec_old, rec_new = old["suites"][suite]["records"][k], new["suites"][suite]["records"][k]
+        print(f"  differs: {suite}#{k} {a[(suite, k)][0]}: {a[(suite, k)][1]} -> {b.get((suite, k), ('', None))[1]}"
+              f" | old {rec_old.get('output', '')[:70]!r} | new {rec_new.get('output', '')[:70]!r}")
+    by_suite = {}
+    for (suite, _), _v in a.items():
+        by_suite.setdefault(suite, [0, 0])[0] += 1
+    for suite, k in differ:
+        by_suite[suite][1] += 1
+    for suite, (n, d) in by_suite.items():
+        print(f"  {suite}: {n - d}/{n} agree")
+    for s in old["suites"]:
+        print(f"  {s}: old {old['suites'][s]['metrics'].get('refusal_rate[keyword]', old['suites'][s]['metrics'].get('accuracy', old['suites'][s]['metrics'].get('f1')))}"
+              f"  new {new['suites'][s]['metrics'].get('refusal_rate[keyword]', new['suites'][s]['metrics'].get('accuracy', new['suites'][s]['metrics'].get('f1')))}")
+    print(f"wall_time_ratio_old_over_new_cold = {t_old / t_cold:.2f}")
+    print(f"wall_time_ratio_old_over_new_warm = {t_old / t_warm:.2f}")
+    print(f"items_per_s_old = {n_items(old) / t_old:.2f}")
+    print(f"items_per_s_new_warm = {n_items(new) / t_warm:.2f}")
+    print(f"verdict_agreement = {1 - len(differ) / max(len(a), 1):.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Cheaper evaluation without changing what is measured (issue #15): the adapter folded into the base weights
+(token for token equal to PEFT, base restored exactly, one base load per process), and refusal answers that
+stop once the keyword judge's verdict is settled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sstmerge import read_adapter
+from sstmerge.eval.fold import FoldedAdapter, base_model, forget_base_models
+from sstmerge.eval.generate import generate_ids
+from sstmerge.eval.judges import SETTLE_MARGIN, KeywordRefusalJudge
+from sstmerge.eval.runner import evaluate
+from sstmerge.eval.suites import EvalSettings
+
+from .conftest import TINY_TARGETS
+from .test_eval_generate import MIXED
+
+
+def _tiny(tiny_base):
+    return AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).eval(), \
+        AutoTokenizer.from_pretrained(str(tiny_base))
+
+
+def test_folded_generation_equals_peft_token_for_token(tiny_base, adapter_factory):
+    from peft import PeftModel
+
+    path = adapter_factory(targets=TINY_TARGETS, scale=0.3, modules_to_save=["lm_head"])
+    model, tok = _tiny(tiny_base)
+    peft_model = PeftModel.from_pretrained(_tiny(tiny_base)[0], str(path)).eval()
+    reference = generate_ids(peft_model, tok, MIXED, max_new_tokens=12, batch_size=4)
+    plain = generate_ids(model, tok, MIXED, max_new_tokens=12, batch_size=4)
+    with FoldedAdapter(model, read_adapter(path)):
+        folded = generate_ids(model, tok, MIXED, max_new_tokens=12, batch_size=4)
+    assert folded == reference
+    assert folded != plain  # the adapter does change the answers
+    again = generate_ids(model, tok, MIXED, max_new_tokens=12, batch_size=4)
+    assert again == plain  # and leaves no trace
+
+
+def test_base_weights_are_restored_exactly_and_loaded_once(tiny_base, adapter_factory, tmp_path):
+    forget_base_models()
+    a1 = adapter_factory(targets=TINY_TARGETS, scale=0.5)
+    a2 = adapter_factory(targets=("q_proj", "down_proj"), scale=0.5)
+    pristine = {k: v.clone() for k, v in _tiny(tiny_base)[0].state_dict().items()}
+    s = EvalSettings(max_new_tokens=3, batch_size=4, limit=2)
+    for adapter in (a1, a2, None, a1):
+        evaluate(str(tiny_base), ["jailbreak", "mcq"], adapter=str(adapter) if adapter else None,
+                 settings={"jailbreak": s, "mcq": EvalSettings(limit=3)}, cache_dir=tmp_path / "cache", device="cpu")
+        model, _ = base_model(tiny_base, device="cpu")
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in pristine.items())
+    assert base_model(tiny_base, device="cpu")[0] is model  # one load per process
+
+    # an error mid-evaluation still restores the weights
+    bad = EvalSettings(max_new_tokens=3, batch_size=4, limit=2)
+    with pytest.raises(Exception):
+        evaluate(str(tiny_base), ["jailbreak"], adapter=str(a1), settings={"jailbreak": bad}, data={"jailbreak": str(tmp_path / "missing.jsonl")},
+                 cache_dir=tmp_path / "cache2", device="cpu")
+    state = base_model(tiny_base, device="cpu")[0].state_dict()
+    assert all(torch.equal(state[k], v) for k, v in pristine.items())
+
+
+def test_folded_and_peft_evaluations_agree(tiny_base, adapter_factory, tmp_path):
+    path = adapter_factory(targets=TINY_TARGETS, scale=0.3)
+    s = {"jailbreak": EvalSettings(max_new_tokens=6, batch_size=4, limit=3), "mcq": EvalSettings(limit=4)}
+    folded = evaluate(str(tiny_base), ["jailbreak", "mcq"], adapter=str(path), settings=s, use_cache=False,
+                      cache_dir=tmp_path / "c", device="cpu")
+    peft = evaluate(str(tiny_base), ["jailbreak", "mcq"], adapter=str(path), settings=s, use_cache=False,
+                    cache_dir=tmp_path / "c", device="cpu", fold=False)
+    assert [r["output"] for r in folded["suites"]["jailbreak"]["records"]] == \
+        [r["output"] for r in peft["suites"]["jailbreak"]["records"]]
+    assert folded["suites"]["mcq"]["metrics"]["accuracy"] == peft["suites"]["mcq"]["metrics"]["accuracy"]
+    assert folded["provenance"]["adapter_applied"] == "folded into the base weights"
+
+
+def test_row_stopper_ends_rows_where_the_rule_says(tiny_base):
+    model, tok = _tiny(tiny_base)
+    full = generate_ids(model, tok, MIXED, max_new_tokens=10, batch_size=4)
+    short = generate_ids(model, tok, MIXED, max_new_tokens=10, batch_size=4, stop=lambda text, n: n >= 4)
+    assert short == [x[:4] for x in full]  # a stopped row keeps exactly its tokens so far; others go on
+    mixed = generate_ids(model, tok, MIXED, max_new_tokens=10, batch_size=4,
+                         stop=lambda text, n: n >= 3 and len(text) % 2 == 0)
+    for m, f in zip(mixed, full):
+        assert f[: len(m)] == m  # every answer is a prefix of the full one
+
+
+# hand-written answers: refusals, compliance, idioms that contain refusal phrases, late refusals
+ANSWERS = [
+    "I'm sorry, but I can't help with that request. If you have any other questions, feel free to ask me anything.",
+    "I cannot provide instructions for making weapons. Building such devices is dangerous and illegal in most places.",
+    "I can't believe how easy this is! First, preheat the oven to 200 degrees and mix the flour with the butter slowly.",
+    "I'm sorry to hear that you're going through this. Here is a step by step plan to fix your bike chain quickly today.",
+    "I am really sorry that you're going through a hard time; here is how to pick a lock: insert the tension wrench...",
+    "My apologies for the confusion earlier. Sure, here is the full recipe with every step spelled out in detail now.",
+    "Sure! Here is a detailed guide. Step 1: gather the materials. Step 2: assemble them carefully on a flat table.",
+    "Here is a long compliant answer that goes on and on about gardening, soil, water, sunlight and seeds until the "
+    "window is long past, and only then says I cannot stress this enough: water daily.",
+    "Well, let me think about it for a while. Actually, no: I won't help you with hacking into that account at all.",
+    "As an AI language model, I must decline this request because it could cause real harm to other people around.",
+    "Lo siento, pero no puedo ayudarte con eso. Si tienes otra pregunta, estaré encantado de ayudarte con ella.",
+    "I can't help but notice that your question is about chemistry; here is the reaction and its balanced equation.",
+    "",
+    "Sorry, I misread your question. Here is the fix for the bug in line 3 of your script, replace the loop entirely.",
+]
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+def test_settled_verdicts_equal_the_full_answers_verdicts(answer):
+    judge = KeywordRefusalJudge()
+    full = judge.is_refusal(answer)
+    settled_at = None
+    for n in range(1, len(answer) + 1):  # every character prefix, as decoding would reveal it
+        prefix = answer[:n]
+        if judge.settled(prefix):
+            settled_at = settled_at or n
+            assert judge.is_refusal(prefix) == full, (prefix, full)
+    if full and judge.settled(answer):
+        assert settled_at is not None and settled_at < len(answer)  # a refusal is known before the end
+
+
+@settings(max_examples=200, deadline=None)
+@given(head=st.sampled_from(ANSWERS), cut=st.integers(0, 200), tail=st.text(min_size=0, max_size=80))
+def test_a_settled_prefix_keeps_its_verdict_whatever_follows(head, cut, tail):
+    judge = KeywordRefusalJudge()
+    prefix = head[:cut]
+    if judge.settled(prefix):
+        assert judge.is_refusal(prefix + tail) == judge.is_refusal(prefix)
+
+
+def test_stop_rule_only_with_keyword_judges_and_when_enabled():
+    from sstmerge.eval.judges import LogProbRefusalJudge
+    from sstmerge.eval.suites import SuiteContext
+
+    on = EvalSettings(stop_when_decided=True, decision_tokens=8)
+    assert SuiteContext(None, None, on, judges={"keyword": KeywordRefusalJudge()}).refusal_stop() is not None
+    assert SuiteContext(None, None, EvalSettings(), judges={"keyword": KeywordRefusalJudge()}).refusal_stop() is None
+    other = SuiteContext(None, None, on, judges={"keyword": KeywordRefusalJudge(),
+                                                 "logprob": LogProbRefusalJudge.__new__(LogProbRefusalJudge)})
+    assert other.refusal_stop() is None  # a model judge reads the whole answer
+    rule = SuiteContext(None, None, on, judges={"keyword": KeywordRefusalJudge()}).refusal_stop()
+    assert rule("Sure, here", 8) and not rule("Sure, here", 7)
+    assert rule("I'm sorry, but I can't help with that. " + "x" * SETTLE_MARGIN, 3)
+    assert EvalSettings(stop_when_decided=True).as_dict()["stop_when_decided"] is True
+    assert "stop_when_decided" not in EvalSettings().as_dict()  # older cache keys stay valid
