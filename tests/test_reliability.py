@@ -714,7 +714,8 @@ def test_killed_or_terminated_eval_leaves_no_entry_and_the_rerun_cleans_up(fault
     assert not list((root / "ek" / "eval").glob("*.json")) and list((root / "ek" / "eval").glob(".tmp-*"))
     assert not (root / "et" / "eval").exists() or not list((root / "et" / "eval").iterdir())
     assert not (root / "ek.json").exists() and not (root / "et.json").exists()
-    settings = EvalSettings(max_new_tokens=3, limit=4, batch_size=2)
+    # the same settings as the killed `sst-merge eval` (whose refusal suites stop answers once decided): same key
+    settings = EvalSettings(max_new_tokens=3, limit=4, batch_size=2, stop_when_decided=True)
     out = evaluate(str(proj / "base"), ["overrefusal"], adapter=str(proj / "U"), settings=settings, cache_dir=root / "ek")
     assert out["suites"]["overrefusal"]["cache_hit"] is False
     assert not list((root / "ek" / "eval").glob(".tmp-*"))
