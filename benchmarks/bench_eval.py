@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 
 os.environ.setdefault("SSTMERGE_QUIET", "1")
@@ -61,6 +60,14 @@ def outcomes(result: dict) -> dict[tuple[str, int], tuple[str, object]]:
     return out
 
 
+def headline(result: dict, suite: str):
+    metrics = result["suites"][suite]["metrics"]
+    for key in ("refusal_rate[keyword]", "overrefusal_rate[keyword]", "accuracy", "f1"):
+        if key in metrics:
+            return round(metrics[key], 4)
+    return None
+
+
 def n_items(result: dict) -> int:
     return sum(len(r["records"]) for r in result["suites"].values())
 
@@ -83,18 +90,17 @@ def main() -> None:
     cap = n_tokens.get("jailbreak")
     print(f"adapter {args.adapter}; base {base}; suites {ev.suites}; limits {ev.limit}; batch {ev.batch_size}; "
           f"threads {args.threads}; new way: folded weights, stop when decided, decision_tokens {cap}")
-    with tempfile.TemporaryDirectory() as cache:
-        runs = {}
-        for name, new in (("old (PEFT, full answers)", False), ("new, cold (folded, decided)", True),
-                          ("new, warm (base loaded)", True)):
-            if name.startswith("new, cold"):
-                forget_base_models()
-            t0 = time.perf_counter()
-            result = evaluate(base, list(ev.suites), adapter=args.adapter, settings=settings_for(
-                ev, new=new, decision_tokens=cap), cache_dir=cache, use_cache=False, device="cpu", fold=new)
-            runs[name] = (time.perf_counter() - t0, result)
-            per_suite = ", ".join(f"{s} {r['seconds']:.1f}s" for s, r in result["suites"].items())
-            print(f"{name:30s} {runs[name][0]:7.1f} s  {n_items(result) / runs[name][0]:6.2f} items/s  ({per_suite})")
+    runs = {}  # the default cache holds the converted base; results are recomputed (use_cache=False)
+    for name, new in (("old (PEFT, full answers)", False), ("new, cold (folded, decided)", True),
+                      ("new, warm (base loaded)", True)):
+        if name.startswith("new, cold"):
+            forget_base_models()
+        t0 = time.perf_counter()
+        result = evaluate(base, list(ev.suites), adapter=args.adapter, settings=settings_for(
+            ev, new=new, decision_tokens=cap), use_cache=False, device="cpu", fold=new)
+        runs[name] = (time.perf_counter() - t0, result)
+        per_suite = ", ".join(f"{s} {r['seconds']:.1f}s" for s, r in result["suites"].items())
+        print(f"{name:30s} {runs[name][0]:7.1f} s  {n_items(result) / runs[name][0]:6.2f} items/s  ({per_suite})")
     (t_old, old), (t_cold, new), (t_warm, _) = runs.values()
     a, b = outcomes(old), outcomes(new)
     differ = [k for k in a if a[k] != b.get(k)]
@@ -110,8 +116,8 @@ def main() -> None:
     for suite, (n, d) in by_suite.items():
         print(f"  {suite}: {n - d}/{n} agree")
     for s in old["suites"]:
-        print(f"  {s}: old {old['suites'][s]['metrics'].get('refusal_rate[keyword]', old['suites'][s]['metrics'].get('accuracy', old['suites'][s]['metrics'].get('f1')))}"
-              f"  new {new['suites'][s]['metrics'].get('refusal_rate[keyword]', new['suites'][s]['metrics'].get('accuracy', new['suites'][s]['metrics'].get('f1')))}")
+        print(f"  {s}: headline old {headline(old, s)} new {headline(new, s)}; time old/new "
+              f"{old['suites'][s]['seconds'] / new['suites'][s]['seconds']:.2f}")
     print(f"wall_time_ratio_old_over_new_cold = {t_old / t_cold:.2f}")
     print(f"wall_time_ratio_old_over_new_warm = {t_old / t_warm:.2f}")
     print(f"items_per_s_old = {n_items(old) / t_old:.2f}")
