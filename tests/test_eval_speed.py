@@ -147,3 +147,20 @@ def test_stop_rule_only_with_keyword_judges_and_when_enabled():
     assert rule("I'm sorry, but I can't help with that. " + "x" * SETTLE_MARGIN, 3)
     assert EvalSettings(stop_when_decided=True).as_dict()["stop_when_decided"] is True
     assert "stop_when_decided" not in EvalSettings().as_dict()  # older cache keys stay valid
+
+
+def test_a_fold_that_fails_half_way_leaves_the_base_untouched(tiny_base, adapter_factory):
+    from sstmerge.errors import AdapterMismatchError
+    from sstmerge.io.adapter import LoraAdapter, LoraModule
+
+    model, _ = _tiny(tiny_base)
+    pristine = {k: v.clone() for k, v in model.state_dict().items()}
+    good = read_adapter(adapter_factory(targets=TINY_TARGETS, scale=0.5))
+    last = sorted(good.modules)[-1]
+    modules = {m: lm for m, lm in good.modules.items() if m != last}  # every good module is folded first,
+    modules[last] = LoraModule(A=torch.ones(2, 3), B=torch.ones(5, 2), scale=1.0)  # then one of the wrong shape
+    bad = LoraAdapter(modules=modules, config=good.config)
+    with pytest.raises(AdapterMismatchError, match=last):
+        with FoldedAdapter(model, bad):
+            pass
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in pristine.items())

@@ -68,6 +68,15 @@ class FoldedAdapter:
         LoRA module, and ``W ← W_adapter`` for every full tensor."""
         if self.active:
             return self
+        try:
+            self._fold()
+        except BaseException:
+            self.remove()  # a half-folded model is never left behind (the base is shared by the process)
+            raise
+        self.active = True
+        return self
+
+    def _fold(self) -> None:
         for module, lm in self.adapter.modules.items():
             name = f"{module}.weight"
             weight = self._param(name)
@@ -81,8 +90,6 @@ class FoldedAdapter:
             param = self._param(key)
             self._saved.setdefault(key, param.detach().clone())
             param.copy_(tensor.to(device=param.device, dtype=param.dtype))
-        self.active = True
-        return self
 
     @torch.no_grad()
     def remove(self) -> None:
