@@ -104,7 +104,8 @@ def test_quick_profile_on_smollm2(tmp_path):
     cfg = load_experiment_config("default", quick=True)
     result = run_experiments(cfg, tmp_path / "quick")
     rows = {r["name"]: r for r in result["rows"]}
-    assert len(rows) == 4 + 4
+    assert len(rows) == 4 + 5  # base, three adapters alone; direct, residual, complement, ties, safe_lora
+    assert "A5+A6+A7/complement" in rows
     assert rows["A7 alone"]["jailbreak_plain"] >= rows["base"]["jailbreak_plain"] + 0.5
     for r in rows.values():
         assert r["safety"] is not None and r["utility"] is not None
