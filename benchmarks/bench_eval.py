@@ -29,18 +29,16 @@ import torch  # noqa: E402
 
 from sstmerge.eval.fold import forget_base_models  # noqa: E402
 from sstmerge.eval.runner import evaluate  # noqa: E402
-from sstmerge.eval.suites import EvalSettings  # noqa: E402
+from sstmerge.eval.suites import REFUSAL_SUITES, EvalSettings  # noqa: E402
 from sstmerge.pipeline.config import load_experiment_config  # noqa: E402
-
-REFUSAL = {"jailbreak", "overrefusal"}
 
 
 def settings_for(ev, *, new: bool, decision_tokens: int | None) -> dict[str, EvalSettings]:
     return {s: EvalSettings(max_new_tokens=ev.max_new_tokens.get(s, 64), batch_size=ev.batch_size,
                             limit=ev.limit.get(s), judges=tuple(ev.judges),
                             templates_per_prompt=ev.templates_per_prompt if s == "jailbreak" else None,
-                            stop_when_decided=new and s in REFUSAL,
-                            decision_tokens=decision_tokens if new and s in REFUSAL else None)
+                            stop_when_decided=new and s in REFUSAL_SUITES,
+                            decision_tokens=decision_tokens if new and s in REFUSAL_SUITES else None)
             for s in ev.suites}
 
 
@@ -86,7 +84,7 @@ def main() -> None:
     cfg = load_experiment_config(args.config, quick=args.quick)
     ev, base = cfg.eval, args.base or cfg.base
     n_tokens = {s: args.decision_tokens if args.decision_tokens is not None else ev.decision_tokens.get(s)
-                for s in REFUSAL}
+                for s in REFUSAL_SUITES}
     cap = n_tokens.get("jailbreak")
     print(f"adapter {args.adapter}; base {base}; suites {ev.suites}; limits {ev.limit}; batch {ev.batch_size}; "
           f"threads {args.threads}; new way: folded weights, stop when decided, decision_tokens {cap}")

@@ -363,7 +363,7 @@ def eval_command(base, adapter, suites, data, templates, limit, max_new_tokens, 
     from rich.table import Table
 
     from ..eval.runner import evaluate, summary_rows
-    from ..eval.suites import EvalSettings
+    from ..eval.suites import REFUSAL_SUITES, EvalSettings
     from ..io.atomic import atomic_output_file, check_output_target
 
     data_map: dict[str, str] = {}
@@ -377,11 +377,10 @@ def eval_command(base, adapter, suites, data, templates, limit, max_new_tokens, 
             raise ConfigError(f"--data {d!r}: with several suites write SUITE=FILE (suites: {', '.join(suites)})")
     inputs = [base, adapter, templates, *data_map.values()]
     check_output_target(out, overwrite=overwrite, inputs=inputs, is_file=True)  # before the (long) evaluation
-    refusal = {"jailbreak", "overrefusal"}
     settings = {s: EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, shots=shots,
                                 judges=tuple(judges), backend=backend, templates_per_prompt=templates_per_prompt,
-                                stop_when_decided=stop_when_decided and s in refusal,
-                                decision_tokens=decision_tokens if s in refusal else None) for s in suites}
+                                stop_when_decided=stop_when_decided and s in REFUSAL_SUITES,
+                                decision_tokens=decision_tokens if s in REFUSAL_SUITES else None) for s in suites}
     result = evaluate(base, list(suites), adapter=adapter, data=data_map, templates=templates, settings=settings,
                       cache_dir=cache_dir, use_cache=not no_cache, device=device, fold=not no_fold)
     atomic_output_file(out, json.dumps(result, indent=2, default=str) + "\n", overwrite=overwrite, inputs=inputs)

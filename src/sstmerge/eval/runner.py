@@ -33,26 +33,16 @@ EVAL_FORMAT = 3  # 2: model-based judges run with the adapter disabled; 3: check
 EVAL_RESULT_VERSION = 1  # the "sstmerge_eval_version" of a results file (eval --out)
 
 
-class _BaseWeights:
-    """Run a judge with the folded adapter taken out of the weights (the base model), then put it back."""
+class _OnBaseModel:
+    """Run a judge with the evaluated adapter out of the way (``base_only()``: PEFT's ``disable_adapter`` or a
+    folded adapter's ``unfolded``), so that a model-based judge (log-prob) is the same fixed classifier
+    whatever adapter is being evaluated."""
 
-    def __init__(self, inner, folded) -> None:
-        self.inner, self.folded, self.name = inner, folded, inner.name
-
-    def judge(self, prompts: list[str], answers: list[str]) -> list[bool]:
-        with self.folded.unfolded():
-            return list(self.inner.judge(prompts, answers))
-
-
-class _AdapterDisabled:
-    """Run a judge with the evaluated adapter switched off, so that a model-based judge (log-prob) is the
-    same fixed classifier whatever adapter is being evaluated."""
-
-    def __init__(self, inner, peft_model) -> None:
-        self.inner, self.peft_model, self.name = inner, peft_model, inner.name
+    def __init__(self, inner, base_only) -> None:
+        self.inner, self.base_only, self.name = inner, base_only, inner.name
 
     def judge(self, prompts: list[str], answers: list[str]) -> list[bool]:
-        with self.peft_model.disable_adapter():
+        with self.base_only():
             return list(self.inner.judge(prompts, answers))
 
 
@@ -179,8 +169,8 @@ def _evaluate(base, suites, *, adapter, data, templates, settings, cache_dir, us
             for j in settings.judges:
                 judges[j] = JUDGES.get(j)(model, tokenizer)
                 if adapter is not None and hasattr(judges[j], "model"):  # model-based judges see the base model,
-                    judges[j] = _BaseWeights(judges[j], folded) if folded is not None \
-                        else _AdapterDisabled(judges[j], model)              # the same judge for every adapter
+                    judges[j] = _OnBaseModel(judges[j], folded.unfolded if folded is not None  # the same judge
+                                             else model.disable_adapter)                 # for every adapter
             if backend == "vllm" and generator is None:
                 from .generate import end_of_turn_ids
                 from .vllm_backend import VLLMGenerator

@@ -76,6 +76,10 @@ class EvalSettings:
         return out
 
 
+#: the suites whose answers are refusal verdicts (``stop_when_decided`` / ``decision_tokens`` apply to them)
+REFUSAL_SUITES = frozenset({"jailbreak", "overrefusal"})
+
+
 @dataclass
 class SuiteContext:
     model: Any  # the HF model (+ adapter); used for log-likelihood scoring (mcq) and by the default generator

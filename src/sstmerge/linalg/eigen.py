@@ -48,7 +48,7 @@ class SafetySubspace:
     coef: np.ndarray  # (N, k)
     basis_coef: np.ndarray  # (N, k)
     k: int
-    k_requested: int
+    k_requested: int | str
     available_rank: int
     damping: float
     dim: int
@@ -217,22 +217,26 @@ def quadratic_forms(G_x: np.ndarray, n_harm: int) -> dict[str, float]:
 def safety_subspace_from_gram(
     K: np.ndarray,
     n_harm: int,
-    k: int,
+    k: int | str,
     *,
     dim: int,
     eps: float = 1e-3,
     clamp_k: bool = False,
     rel_tol: float = 1e-10,
     where: str = "global",
+    k_rule: str = "mass",
+    k_mass: float = 0.9,
 ) -> SafetySubspace:
     """Top-k solutions of ``F_harm v = λ (F_benign + δ I) v`` from the Gram matrix ``K = G Gᵀ`` (N × N).
 
     Rows ``0..n_harm-1`` of G are harmful samples, the rest benign. ``dim`` is D (for the damping).
+    ``k="auto"`` chooses k from the spectrum (:func:`choose_k` with ``k_rule``, ``k_mass``).
     Raises :class:`FisherError` if ``k`` exceeds the number of positive eigenvalues (unless ``clamp_k``).
     """
     lam, U, evals, C, delta = _span_solve(K, n_harm, dim, eps, rel_tol, where)
     available = _n_positive(evals)
-    k_eff = _check_k(k, available, clamp_k, where)
+    k_num = choose_k(evals[:available], k_rule, k_mass, where) if k == "auto" else k
+    k_eff = _check_k(k_num, available, clamp_k, where)
     to_coef = U / np.sqrt(lam)  # (N, ρ) = U Λ^{-1/2}: v = W c = Gᵀ (U Λ^{-1/2} c)
     C_k = C[:, :k_eff]
     if k_eff > 0:

@@ -150,10 +150,11 @@ _FORMS_NOTE = ("refusal_gain = mean over harmful samples of g_iᵀx (first-order
                "benign samples, harm_form = xᵀ F_harm x, benign_form = xᵀ F_benign x, at the Fisher point")
 
 
-def _require_nonzero(adapter: LoraAdapter, norms: dict[str, float], role: str) -> None:
+def _require_nonzero(adapter: LoraAdapter, norms: dict[str, float], role: str, what: str) -> None:
+    """Before any Fisher work: an adapter whose ``ΔW`` is zero in every module gives the statistics nothing."""
     if all(n == 0.0 for n in norms.values()):
         raise FisherError(f"{adapter.name}: the {role} adapter's update ΔW is zero in every module (untrained, or "
-                          "B = 0); there is nothing to decompose")
+                          f"B = 0); there is nothing to {what}")
 
 
 class _SubspaceMerge(TaskArithmeticMethod):
@@ -179,11 +180,7 @@ class _SubspaceMerge(TaskArithmeticMethod):
 
         safety, params = inputs.safety, options.params
         norm_dW = _update_norms(safety)  # ‖B A‖ per module, once: zero modules and the function-level shares
-        if all(n == 0.0 for n in norm_dW.values()):
-            raise FisherError(
-                f"{safety.name}: the safety adapter's update ΔW is zero in every module (untrained, or B = 0); "
-                "there is nothing to project"
-            )
+        _require_nonzero(safety, norm_dW, "safety", "project")
         phi = flat_phi(safety)
         estimator = self.estimator(params)
         run, proj = project_safety_from_cache(ctx.fisher, phi, k=params.k, scope=params.scope,  # cached
@@ -334,12 +331,13 @@ def _decompose_report(removal, kept: dict, norms_before: torch.Tensor, norms_rem
     }
 
 
-def _remove_from(adapter: LoraAdapter, run, removal) -> tuple[LoraAdapter, dict, np.ndarray, np.ndarray, float, float]:
-    """``φ' = φ − removed`` per module of ``adapter`` (the adapter the Fisher run differentiated)."""
+def _remove_from(adapter: LoraAdapter, norm_dW: dict[str, float], run,
+                 removal) -> tuple[LoraAdapter, dict, np.ndarray, np.ndarray, float, float]:
+    """``φ' = φ − removed`` per module of ``adapter`` (the adapter the Fisher run differentiated; ``norm_dW`` its
+    ``‖B A‖`` per module)."""
     from ..fisher.point import flat_phi
 
     phi = flat_phi(adapter)
-    norm_dW = _update_norms(adapter)
     modules, kept = {}, {}
     G_direct = sum(run.stats.G_phi[m] for m in phi)
     G_after = G_direct - sum(removal.G_removed[m] for m in phi)
@@ -370,7 +368,8 @@ class ComplementMerge(TaskArithmeticMethod):
         from .subspace import remove_directions, with_fisher
 
         params = options.params
-        _require_nonzero(inputs.safety, _update_norms(inputs.safety), "safety")
+        norm_dW = _update_norms(inputs.safety)
+        _require_nonzero(inputs.safety, norm_dW, "safety", "decompose")
 
         def select(basis, scope_name: str) -> np.ndarray:
             lam = basis.eigenvalues
@@ -392,7 +391,7 @@ class ComplementMerge(TaskArithmeticMethod):
 
         run, removal = with_fisher(ctx.fisher, lambda run: remove_directions(run, scope=params.scope,
                                                                              eps=params.damping, select=select))
-        safety, kept, G_direct, G_after, norm, removed = _remove_from(inputs.safety, run, removal)
+        safety, kept, G_direct, G_after, norm, removed = _remove_from(inputs.safety, norm_dW, run, removal)
         report = {"scope": params.scope, "damping_eps": params.damping,
                   **({"bottom_k": params.bottom_k} if params.bottom_k is not None else {"threshold": params.threshold}),
                   **_decompose_report(removal, kept, norm, removed, run.stats.n_harm, G_direct, G_after, run)}
@@ -448,10 +447,11 @@ class ProtectMerge(TaskArithmeticMethod):
                 reports[adapter.name] = {"skipped": "coefficient 0: the adapter does not enter the merge"}
                 continue
             target = fisher_target(adapter, c)  # c_j ΔW_Uj, c_j folded into B
-            _require_nonzero(target, _update_norms(target), "utility")
+            norm_dW = _update_norms(target)
+            _require_nonzero(target, norm_dW, "utility", "decompose")
             run, removal = with_fisher(lambda j=j: ctx.fisher(j), lambda run: remove_directions(
                 run, scope=params.scope, eps=params.damping, select=select))
-            new, kept, G_direct, G_after, norm, removed = _remove_from(target, run, removal)
+            new, kept, G_direct, G_after, norm, removed = _remove_from(target, norm_dW, run, removal)
             if removed > 0.0:  # else the adapter (and its coefficient) stays exactly as given
                 utility[j], coefficients[j] = new, 1.0
             reports[adapter.name] = {"coefficient": c, **_decompose_report(removal, kept, norm, removed,

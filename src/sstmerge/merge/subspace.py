@@ -74,10 +74,6 @@ def _groups(modules: list[str], scope: str) -> dict[str, list[str]]:
     return {"global": modules} if scope == "global" else {m: [m] for m in modules}
 
 
-def _resolve_k(k: int | str, eigenvalues: np.ndarray, k_rule: str, k_mass: float, where: str) -> int:
-    return choose_k(eigenvalues, k_rule, k_mass, where) if k == "auto" else int(k)
-
-
 def _G_times(run: FisherRun, module: str, x: torch.Tensor) -> np.ndarray:
     """``G_m x`` (N,) for a vector x of module m's parameters, one column chunk of the store at a time."""
     out = np.zeros(run.stats.n_harm + run.stats.n_benign)
@@ -99,12 +95,8 @@ def project_safety(
         where = f"scope {scope_name}"
         if estimator == "empirical":
             K = stats.gram_total if scope == "global" else sum(stats.gram[m] for m in members)
-            if k == "auto":
-                basis = generalized_eigenbasis_from_gram(K, stats.n_harm, dim=dim, eps=eps, where=where)
-                k_scope = choose_k(basis.eigenvalues, k_rule, k_mass, where)
-            else:
-                k_scope = int(k)
-            sub = safety_subspace_from_gram(K, stats.n_harm, k_scope, dim=dim, eps=eps, clamp_k=clamp_k, where=where)
+            sub = safety_subspace_from_gram(K, stats.n_harm, k, dim=dim, eps=eps, clamp_k=clamp_k, where=where,
+                                            k_rule=k_rule, k_mass=k_mass)
             G_phi = sum(stats.G_phi[m] for m in members)
             beta = span_coefficients(sub.basis_coef, G_phi)  # (N,)
             for m in members:
@@ -120,7 +112,7 @@ def project_safety(
             f_b = np.concatenate([stats.diag_benign[m] for m in members])
             scores, delta = diagonal_scores(f_h, f_b, eps)
             available = int((scores > 0).sum())
-            k_scope = _resolve_k(k, np.sort(scores)[::-1], k_rule, k_mass, where)
+            k_scope = choose_k(np.sort(scores)[::-1], k_rule, k_mass, where) if k == "auto" else k
             if k_scope > available and not clamp_k:
                 raise FisherError(f"scope {scope_name}: k={k_scope} but only {available} coordinates have a positive "
                                   f"ratio; use k <= {available} or --clamp-k")
