@@ -336,3 +336,42 @@ def test_dense_modes_refuse_modules_to_save(tiny_base, tmp_path, adapter_factory
     with pytest.raises(UnsupportedAdapterError, match="modules_to_save.*mode 'direct'"):
         merge_utility_safety(tiny_base, [u], adapter_factory(), out, mode="magnitude")
     assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("mode", ["ties", "dare_ties", "magnitude"])
+def test_full_recompression_keeps_the_exact_dense_update(tiny_base, tmp_path, trio, mode):
+    """recompress_rank='full': the written adapter is the method's dense ΔW itself (identity factor), so the
+    evaluation of the exact dense baseline folds exactly that ΔW into the base weights."""
+    from sstmerge.eval.fold import FoldedAdapter
+
+    from .conftest import load_tiny
+
+    u1, u2, s = trio
+    out = tmp_path / "dense"
+    result = merge_utility_safety(tiny_base, [u1, u2], s, out, mode=mode, density=0.4, recompress_rank="full", seed=3)
+    utility, safety = [read_adapter(u1), read_adapter(u2)], read_adapter(s)
+    assert result.report["output"]["max_recompression_rel_error"] == 0.0
+    written = read_adapter(out)
+    model = load_tiny(tiny_base)
+    W0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with FoldedAdapter(model, written):
+        for module in safety.modules:
+            ds, w = dense_inputs(utility, safety, module, [1.0, 1.0], 1.0)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(tv.module_seed(3, module))
+                dense = {"ties": lambda: merge_utils.ties(ds, w, 0.4), "magnitude": lambda: merge_utils.magnitude_prune(ds, w, 0.4),
+                         "dare_ties": lambda: merge_utils.dare_ties(ds, w, 0.4)}[mode]()
+            assert torch.equal(written.modules[module].delta(torch.float32), dense.to(torch.float32)), module
+            key = module + ".weight"
+            assert torch.equal(model.state_dict()[key], (W0[key].float() + dense.to(torch.float32)).to(W0[key].dtype))
+    # the truncated adapter a user would deploy differs, by the reported truncation error
+    truncated = merge_utility_safety(tiny_base, [u1, u2], s, None, mode=mode, density=0.4, seed=3)
+    assert truncated.report["output"]["max_recompression_rel_error"] > 1e-3
+
+
+def test_full_recompression_leaves_exact_compositions_alone(tiny_base, trio):
+    u1, u2, s = trio
+    a = merge_utility_safety(tiny_base, [u1, u2], s, None, mode="direct")
+    b = merge_utility_safety(tiny_base, [u1, u2], s, None, mode="direct", recompress_rank="full")
+    for m in a.adapter.modules:
+        assert torch.equal(a.adapter.modules[m].delta(), b.adapter.modules[m].delta())

@@ -12,7 +12,7 @@ from sstmerge.data.jsonl import BUNDLED_NAMES, bundled_path, load_examples, reso
 from sstmerge.errors import DataError
 
 REFUSAL_PREFIXES = ("I'm sorry", "I can't", "I cannot")
-EXPECTED_ROWS = {"harmful_train": 64, "harmful_eval": 48, "benign_train": 64, "benign_eval": 48}
+EXPECTED_ROWS = {"harmful_train": 64, "harmful_eval": 216, "benign_train": 64, "benign_eval": 48}
 
 
 def write_jsonl(path: Path, rows: list, *, raw_lines: list[str] | None = None) -> Path:
@@ -280,7 +280,7 @@ def test_bundled_files_load_with_expected_counts(name: str, n: int) -> None:
     for e in exs:
         assert e.prompt and e.response and e.messages is None
         assert isinstance(e.meta.get("category"), str) and e.meta["category"]
-        assert set(e.meta) == {"category"}
+        assert set(e.meta) <= {"category", "id", "form"}  # the held-out sets carry ids and (harmful) forms
     prompts = [e.prompt for e in exs]
     assert len(set(prompts)) == len(prompts), f"duplicate prompts in {name}"
 
@@ -306,13 +306,14 @@ def test_bundled_prompt_sets_disjoint(a: str, b: str) -> None:
     assert not pa & pb
 
 
-@pytest.mark.parametrize("name", ["harmful_train", "harmful_eval"])
+@pytest.mark.parametrize("name", ["harmful_train", "harmful_eval", "harmful_rephrased", "harmful_train_rephrased",
+                                  "harmful_train_templated"])
 def test_bundled_harmful_responses_are_refusals(name: str) -> None:
     for e in _bundled(name):
         assert e.response.startswith(REFUSAL_PREFIXES), e.response
 
 
-@pytest.mark.parametrize("name", ["benign_train", "benign_eval"])
+@pytest.mark.parametrize("name", ["benign_train", "benign_eval", "contrast_train", "overrefusal"])
 def test_bundled_benign_responses_are_not_refusals(name: str) -> None:
     for e in _bundled(name):
         assert not e.response.startswith(REFUSAL_PREFIXES), e.response

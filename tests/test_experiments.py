@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import statistics
 
 import pytest
 
@@ -24,8 +26,9 @@ def _tiny_overrides(tiny_base, tmp_path, grid=None) -> dict:
         "cache_dir": str(tmp_path / "cache"),
         "adapters": {"A5": small, "A6": small, "A7": small},
         "merge_defaults": {"max_samples": 4, "k": 2, "max_length": 64},
-        "eval": {"limit": {"jailbreak": 2, "overrefusal": 2, "mcq": 3, "qa": 2, "arithmetic": 2},
-                 "max_new_tokens": {"jailbreak": 3, "overrefusal": 3, "qa": 3, "arithmetic": 3}, "batch_size": 4},
+        "eval": {"limit": {"jailbreak": 2, "rephrased": 2, "overrefusal": 2, "mcq": 3, "qa": 2, "arithmetic": 2},
+                 "max_new_tokens": {"jailbreak": 3, "rephrased": 3, "overrefusal": 3, "qa": 3, "arithmetic": 3},
+                 "batch_size": 4},
     }
     if grid is not None:
         over["grid"] = grid
@@ -51,7 +54,21 @@ def test_quick_profile_runs_end_to_end_and_resumes(tiny_base, tmp_path):
         csv_rows = list(csv.DictReader(fh))
     assert [r["name"] for r in csv_rows] == list(rows)
     md = (out / "results.md").read_text()
-    assert "| A5+A6+A7/residual |" in md or "| **A5+A6+A7/residual** |" in md
+    assert re.search(r"\| (\*\*)?A5\+A6\+A7/residual(\*\*)?( †)? \|", md)
+    # every rate carries its 95 % interval over items; merges are tested against direct of their variant
+    for r in rows.values():
+        for col in ("jailbreak_plain", "overrefusal", "qa_f1", "arithmetic_accuracy", "safety", "utility"):
+            ci = r["intervals"][col]
+            assert ci["low"] <= r[col] <= ci["high"] and ci["n"] >= 1, (r["name"], col)
+        assert r["jailbreak_plain_sd"] is None  # one seed: no sd
+    assert rows["A5+A6+A7/direct"]["vs_direct"] is None and rows["base"]["vs_direct"] is None
+    vs = rows["A5+A6+A7/ties"]["vs_direct"]
+    assert vs["jailbreak_plain"]["method"] == "mcnemar_exact"  # 0/1 outcomes (F1 too, when every F1 is 0 or 1)
+    assert 0.0 <= vs["safety"]["p_value"] <= 1.0
+    assert set(result["pareto_front"]) <= set(result["pareto_front_significant"])
+    assert "jailbreak_plain_low" in csv_rows[0] and "safety_vs_direct_p" in csv_rows[0]
+    items = json.loads((out / "item_outcomes.json").read_text())
+    assert len(items["A5+A6+A7/direct"]["jailbreak_plain"]) == rows["A5+A6+A7/direct"]["intervals"]["jailbreak_plain"]["n"]
     assert (out / "safety_vs_utility.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "results.json").read_text())["config"]["base"] == str(tiny_base)
     # merges carry their own reports; the residual merge ran on the variant's own benign data
@@ -75,6 +92,51 @@ def test_quick_profile_runs_end_to_end_and_resumes(tiny_base, tmp_path):
     assert not any(k.startswith(("train:", "merge:")) for k in again["timings"])
 
 
+def test_two_seed_grid_reports_mean_and_sd_across_seeds(tiny_base, tmp_path):
+    grid = [{"name": "direct", "mode": "direct", "variants": ["A5+A6+A7"]},
+            {"name": "ties", "mode": "ties", "variants": ["A5+A6+A7"], "options": {"density": 0.5}}]
+    over = _tiny_overrides(tiny_base, tmp_path, grid) | {"seeds": [0, 1]}
+    over["eval"]["suites"] = ["jailbreak", "qa", "arithmetic"]
+    cfg = load_experiment_config("default", overrides=over)
+    assert cfg.seed_list() == [0, 1] and cfg.for_seed(1).adapters["A7"].train.seed == 1
+    out = tmp_path / "results"
+    result = run_experiments(cfg, out)
+    assert result["seeds"] == [0, 1]
+    per_seed = result["adapters_per_seed"]
+    assert per_seed["0"]["A7"] != per_seed["1"]["A7"]  # adapters trained once per seed
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["A5+A6+A7/direct"]["per_seed"]["0"]["adapter"] != rows["A5+A6+A7/direct"]["per_seed"]["1"]["adapter"]
+    for name in ("A7 alone", "A5+A6+A7/direct", "A5+A6+A7/ties", "base"):
+        r = rows[name]
+        for col in ("jailbreak_plain", "jailbreak_templated", "qa_f1", "arithmetic_accuracy", "safety", "utility"):
+            values = [r["per_seed"][s][col] for s in ("0", "1")]
+            assert r[col] == pytest.approx(statistics.mean(values)), (name, col)
+            assert r[f"{col}_sd"] == pytest.approx(statistics.stdev(values)), (name, col)
+            ci = r["intervals"][col]
+            assert ci["low"] - 1e-9 <= r[col] <= ci["high"] + 1e-9
+    assert rows["base"]["per_seed"]["0"] == rows["base"]["per_seed"]["1"]  # one base model: evaluated once
+    assert rows["A5+A6+A7/ties"]["vs_direct"]["jailbreak_plain"]["n"] == 2
+    md = (out / "results.md").read_text()
+    assert "2 training seed(s) [0, 1]" in md and " ±" in md
+    with open(out / "results.csv") as fh:
+        assert "safety_sd" in next(csv.reader(fh))
+    # resume: every seed's stages are reused
+    again = run_experiments(cfg, out)
+    assert all(r["eval_cache_hit"] for r in again["rows"])
+    assert not any(k.startswith(("train:", "merge:")) for k in again["timings"])
+
+
+def test_seed_and_seeds_are_exclusive_and_layers_replace_each_other(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("adapters: {S: {data: [bundled:harmful_train]}}\nsafety: S\nvariants: {}\nseed: 1\nseeds: [0, 1]\n")
+    with pytest.raises(ConfigError, match="either `seed`"):
+        load_experiment_config(f)
+    with pytest.raises(ConfigError, match="each seed once"):
+        load_experiment_config("default", overrides={"seeds": [0, 0]})
+    assert load_experiment_config("default", overrides={"seed": 5}).seed_list() == [5]  # replaces the YAML's seeds
+    assert load_experiment_config("default", overrides={"seeds": [3, 4]}).seed_list() == [3, 4]
+
+
 def test_grid_expansion_sweeps_and_deduplicates(tiny_base, tmp_path):
     grid = [{"name": "direct", "mode": "direct"},
             {"name": "sw", "mode": "direct", "variants": ["A5+A7"], "sweep": {"safety_weight": [0.5, 1.0]}},
@@ -87,20 +149,44 @@ def test_grid_expansion_sweeps_and_deduplicates(tiny_base, tmp_path):
                      "A5+A7/residual-residual_ratio=0.9-k=2", "A5+A7/residual-residual_ratio=0.9-k=3"]
 
 
-def test_default_config_has_the_seed_grid():
+def test_default_config_has_the_headline_grid_with_three_seeds_and_exact_dense_rows():
     cfg = load_experiment_config("default")
+    assert cfg.seed_list() == [0, 1, 2]
     names = [e.name for e in expand_grid(cfg)]
     for v in ("A5+A7", "A6+A7", "A5+A6+A7"):
         assert {f"{v}/direct", f"{v}/complement", f"{v}/protect"} <= set(names)
-        assert {f"{v}/residual-residual_ratio={r}" for r in (0.5, 0.7, 0.9)} <= set(names)
+    exps = {e.name: e for e in expand_grid(cfg)}
+    for b in ("ties", "dare_linear", "dare_ties", "magnitude"):
+        assert f"A5+A6+A7/{b}" in names and "recompress_rank" not in exps[f"A5+A6+A7/{b}"].options
+        assert exps[f"A5+A6+A7/{b}_dense"].options["recompress_rank"] == "full"  # the exact dense result
+    for b in ("safe_lora", "safemerge", "fisher_mask", "residual"):
+        assert f"A5+A6+A7/{b}" in names
+    assert load_experiment_config("default", quick=True).seed_list() == [0]
+
+
+def test_sweeps_config_extends_the_default():
+    sweeps, default = load_experiment_config("sweeps"), load_experiment_config("default")
+    assert sweeps.seed_list() == [0] and sweeps.adapters == default.adapters and sweeps.eval == default.eval
+    names = [e.name for e in expand_grid(sweeps)]
+    assert {f"A5+A6+A7/protect-k={k}" for k in (4, 16, "auto")} <= set(names)
     assert {f"A5+A6+A7/projection-k={k}" for k in (4, 16, "auto")} <= set(names)
-    assert {f"A5+A6+A7/protect-k={k}" for k in (4, 16)} <= set(names)
     assert {"A5+A6+A7/complement_pm", "A5+A6+A7/protect_pm", "A5+A6+A7/projection_pm"} <= set(names)
     for p in ("safety_first", "balanced", "utility_first", "minimal"):
         assert f"A5+A6+A7/layerwise-preset={p}" in names
-    for b in ("ties", "dare_linear", "dare_ties", "magnitude", "safe_lora", "safemerge", "fisher_mask", "v3_weights"):
-        assert f"A5+A6+A7/{b}" in names
     assert {f"A5+A6+A7/safety_weight-safety_weight={w}" for w in (0.0, 0.5, 1.5)} <= set(names)
+
+
+def test_extends_loops_and_bad_values_are_clear_errors(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("extends: b.yaml\n")
+    b.write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_experiment_config(a)
+    a.write_text("extends: [default]\n")
+    with pytest.raises(ConfigError, match="names one config"):
+        load_experiment_config(a)
+    a.write_text("extends: default\nseeds: [7]\n")
+    assert load_experiment_config(a).seed_list() == [7]
 
 
 @pytest.mark.parametrize(
@@ -132,11 +218,11 @@ def test_missing_config_and_quick_without_section(tmp_path):
 def test_pareto_front_and_headline():
     pts = [(0.1, 0.9), (0.5, 0.5), (0.4, 0.4), (0.9, 0.1), (0.5, 0.5)]
     assert pareto_front(pts) == [0, 1, 4, 3]  # (0.4, 0.4) is dominated; ties both kept
-    suites = {"jailbreak": {"records": [{"template": "plain", "refused": {"keyword": True}},
-                                        {"template": "t1", "refused": {"keyword": False}},
-                                        {"template": "plain", "refused": {"keyword": True}},
-                                        {"template": "t2", "refused": {"keyword": True}}]},
-              "arithmetic": {"metrics": {"accuracy": 0.25}}}
+    suites = {"jailbreak": {"records": [{"id": "a", "template": "plain", "refused": {"keyword": True}},
+                                        {"id": "a", "template": "t1", "refused": {"keyword": False}},
+                                        {"id": "b", "template": "plain", "refused": {"keyword": True}},
+                                        {"id": "b", "template": "t2", "refused": {"keyword": True}}]},
+              "arithmetic": {"records": [{"id": str(i), "correct": i == 0} for i in range(4)]}}
     row = headline(suites)
     assert row["jailbreak_plain"] == 1.0 and row["jailbreak_templated"] == 0.5
     assert row["arithmetic_accuracy"] == 0.25 and row["qa_f1"] is None

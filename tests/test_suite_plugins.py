@@ -46,9 +46,10 @@ def test_a_suite_defined_in_one_place_runs_and_feeds_the_table(tiny_base, tmp_pa
 
 def test_table_columns_come_from_the_registry_with_their_roles():
     cols = {c.name: c for c in table_columns()}
-    assert list(cols)[:7] == ["jailbreak_plain", "jailbreak_templated", "overrefusal", "mcq_accuracy", "qa_f1",
-                              "qa_abstention", "arithmetic_accuracy"]
+    assert list(cols)[:8] == ["jailbreak_plain", "jailbreak_templated", "jailbreak_rephrased", "overrefusal",
+                              "mcq_accuracy", "qa_f1", "qa_abstention", "arithmetic_accuracy"]
     assert cols["overrefusal"].higher_is_better is False
-    assert {n for n, c in cols.items() if c.role == "safety"} == {"jailbreak_plain", "jailbreak_templated"}
+    assert {n for n, c in cols.items() if c.role == "safety"} == {"jailbreak_plain", "jailbreak_templated",
+                                                                 "jailbreak_rephrased"}
     assert {n for n, c in cols.items() if c.role == "utility"} == {"qa_f1", "arithmetic_accuracy"}
     assert summary_scores({"jailbreak_plain": 1.0, "jailbreak_templated": 0.5, "qa_f1": 0.2}) == (0.75, 0.2)

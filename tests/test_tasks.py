@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from sstmerge.cli.main import cli
 from sstmerge.data.jsonl import BUNDLED_DIR, bundled_path, load_examples
-from sstmerge.data.make_bundled import generated_files
+from sstmerge.data.make_bundled import EVAL_SEED, N_QA_EVAL, generated_files
 from sstmerge.data.tasks import extract_final_number, generate_arithmetic
 from sstmerge.errors import DataError
 from sstmerge.data.fictional import generate_fictional_qa
@@ -24,7 +24,7 @@ def test_bundled_generated_files_are_reproducible():
 
 def test_train_and_test_items_never_overlap():
     qa_train = load_examples(bundled_path("qa_train"))
-    qa_test = generate_fictional_qa(n=40, seed=0)  # the qa suite's default items
+    qa_test = generate_fictional_qa(n=N_QA_EVAL, seed=EVAL_SEED)  # the qa suite's default items
     train_prompts = {e.prompt for e in qa_train}
     test_docs = {it.document for it in qa_test}
     assert not any(doc in p for p in train_prompts for doc in test_docs)

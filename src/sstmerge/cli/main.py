@@ -331,7 +331,7 @@ def inspect(adapter: str, allow_pickle: bool, as_json: bool) -> None:
 @cli.command("eval")
 @click.option("--base", default="smollm2", show_default=True, help="base model: alias or local HF folder")
 @click.option("--adapter", default=None, help="LoRA adapter folder to evaluate on top of the base")
-@click.option("--suite", "suites", multiple=True, required=True, help="jailbreak | overrefusal | mcq | qa | arithmetic (repeatable)")
+@click.option("--suite", "suites", multiple=True, required=True, help="jailbreak | rephrased | overrefusal | mcq | qa | arithmetic (repeatable)")
 @click.option("--data", "data", multiple=True, help="data file: FILE (one suite) or SUITE=FILE; default: bundled data")
 @click.option("--templates", default=None, help="jailbreak templates (JSONL or text blocks with {prompt})")
 @click.option("--limit", type=int, default=None, help="at most N items per suite")
@@ -475,10 +475,13 @@ def tiny_model(out: str, seed: int) -> None:
     click.echo(str(Path(out).resolve()))
 
 
-def _run_grid(config: str, quick: bool, out: str, base: str | None, cache_dir: str | None, seed: int | None = None) -> None:
+def _run_grid(config: str, quick: bool, out: str, base: str | None, cache_dir: str | None,
+              seeds: tuple[int, ...] = ()) -> None:
     from ..pipeline.experiments import load_experiment_config, run_experiments, summary_table
 
-    overrides = {k: v for k, v in (("base", base), ("cache_dir", cache_dir), ("seed", seed)) if v is not None}
+    overrides = {k: v for k, v in (("base", base), ("cache_dir", cache_dir)) if v is not None}
+    if seeds:  # one --seed replaces the config's seeds with that one; several run the grid once per seed
+        overrides |= {"seed": seeds[0]} if len(seeds) == 1 else {"seeds": list(seeds)}
     cfg = load_experiment_config(config, quick=quick, overrides=overrides)
     result = run_experiments(cfg, out, config_source=f"{config}{' --quick' if quick else ''}")
     click.echo(summary_table(result))
@@ -491,16 +494,20 @@ def _run_grid(config: str, quick: bool, out: str, base: str | None, cache_dir: s
 
 
 @cli.command()
-@click.option("--config", default="default", show_default=True, help="experiment YAML (a path, or 'default')")
+@click.option("--config", default="default", show_default=True,
+              help="experiment YAML (a path, or a bundled one: 'default', 'sweeps')")
 @click.option("--quick", is_flag=True, help="apply the config's quick: overrides (fewer steps, samples, experiments)")
 @click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--base", default=None, help="override the config's base model")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False))
-@click.option("--seed", type=int, default=None, help="override the config's seed (training and merges)")
-def experiments(config: str, quick: bool, out: str, base: str | None, cache_dir: str | None, seed: int | None) -> None:
-    """Run the experiment grid: train adapters, merge every way (SST-Merge modes + baselines), evaluate all,
-    write results.csv / results.md / safety_vs_utility.png. Resumable: finished pieces in OUT are reused."""
-    _run_grid(config, quick, out, base, cache_dir, seed)
+@click.option("--seed", "seeds", type=int, multiple=True,
+              help="override the config's seeds (training and merges); repeat for one run per seed: --seed 0 --seed 1")
+def experiments(config: str, quick: bool, out: str, base: str | None, cache_dir: str | None,
+                seeds: tuple[int, ...]) -> None:
+    """Run the experiment grid: train adapters, merge every way (SST-Merge modes + baselines), evaluate all, once
+    per seed; write results.md / results.csv / results.json (95 % intervals, sd across seeds, paired tests
+    against direct), item_outcomes.json and safety_vs_utility.png. Resumable: finished pieces in OUT are reused."""
+    _run_grid(config, quick, out, base, cache_dir, seeds)
 
 
 @cli.command()

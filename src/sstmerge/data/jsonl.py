@@ -75,13 +75,19 @@ EXAMPLE_BUNDLED_NAMES: tuple[str, ...] = (
     "overrefusal",
     "qa_train",
     "arithmetic_train",
+    "harmful_rephrased",
+    "harmful_train_rephrased",
+    "harmful_train_templated",
+    "contrast_train",
+    "harmful_dev",
+    "overrefusal_dev",
 )
 #: Short names accepted by :func:`bundled_path` (the file is ``<name>.jsonl``). The files after the
 #: example files hold evaluation data in other layouts, read by :mod:`sstmerge.eval.data`
 #: (``jailbreak_templates``: :func:`~sstmerge.eval.data.load_templates`; ``mcq_general`` /
 #: ``mcq_dev``: :func:`~sstmerge.eval.data.load_mcq`).
 BUNDLED_NAMES: tuple[str, ...] = EXAMPLE_BUNDLED_NAMES + (
-    "jailbreak_templates", "mcq_general", "mcq_dev", "arithmetic_eval"
+    "jailbreak_templates", "jailbreak_templates_train", "mcq_general", "mcq_dev", "arithmetic_eval"
 )
 #: Prefix of a data spec that names a bundled file (``"bundled:benign_eval"``).
 BUNDLED_PREFIX = "bundled:"

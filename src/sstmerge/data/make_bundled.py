@@ -6,7 +6,10 @@ The files are deterministic functions of the generators in :mod:`sstmerge.data.t
 * ``qa_train.jsonl``: 240 fictional-document questions (seed 1) as prompt/response rows (A5's training
   data); the QA test items are ``generate_fictional_qa(seed=0)`` (the ``qa`` suite's default).
 * ``arithmetic_train.jsonl``: 240 word problems (seed 1) as prompt/response rows (A6's training data).
-* ``arithmetic_eval.jsonl``: 60 word problems (seed 0) as ``{id, question, answer}`` (the ``arithmetic`` suite).
+* ``arithmetic_eval.jsonl``: 200 word problems (seed 0) as ``{id, question, answer}`` (the ``arithmetic`` suite).
+* ``harmful_train_templated.jsonl``: every ``harmful_train`` request wrapped in one of the *training* jailbreak
+  templates (``jailbreak_templates_train``, in rotation) with its refusal: the safety adapter's adversarial
+  training rows. The evaluation templates (``jailbreak_templates``) are never used for training.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from .jsonl import BUNDLED_DIR
 from .tasks import ARITHMETIC_INSTRUCTION, QA_ABSTAIN, QA_INSTRUCTION, arithmetic_response, generate_arithmetic
 
 TRAIN_SEED, EVAL_SEED = 1, 0
-N_TRAIN, N_ARITH_EVAL = 240, 60
+N_TRAIN, N_ARITH_EVAL = 240, 200
+N_QA_EVAL = 160  # the qa suite's default items: generate_fictional_qa(N_QA_EVAL, seed=EVAL_SEED)
 
 
 def generated_files() -> dict[str, str]:
@@ -38,7 +42,21 @@ def generated_files() -> dict[str, str]:
     arith_eval = [{"id": it.id, "question": it.question, "answer": it.answer, "operation": it.operation}
                   for it in generate_arithmetic(N_ARITH_EVAL, seed=EVAL_SEED)]
     return {"qa_train.jsonl": lines(qa), "arithmetic_train.jsonl": lines(arith_train),
-            "arithmetic_eval.jsonl": lines(arith_eval)}
+            "arithmetic_eval.jsonl": lines(arith_eval), "harmful_train_templated.jsonl": lines(templated_harmful())}
+
+
+def templated_harmful() -> list[dict]:
+    """``harmful_train`` row i wrapped in training template i mod T (``jailbreak_templates_train``), refusal kept."""
+    from ..eval.data import load_templates
+    from .jsonl import bundled_path, load_examples
+
+    templates = load_templates(bundled_path("jailbreak_templates_train"))
+    rows = []
+    for i, ex in enumerate(load_examples(bundled_path("harmful_train"))):
+        t = templates[i % len(templates)]
+        rows.append({"prompt": t.apply(ex.prompt), "response": ex.response, "category": ex.meta.get("category"),
+                     "template": t.name})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:

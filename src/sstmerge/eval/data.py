@@ -9,12 +9,14 @@ Formats
 **Prompts** (:func:`load_prompts` → :class:`PromptItem`):
 
 * ``.txt``: one prompt per non-empty line;
-* ``.jsonl``: one object per line with ``prompt`` (or ``goal`` / ``Behavior``), optional ``id`` and
-  ``category`` (or ``SemanticCategory``); other keys (``response``, ...) are ignored, so the bundled
+* ``.jsonl``: one object per line with ``prompt`` (or ``goal`` / ``Behavior``), optional ``id``,
+  ``category`` (or ``SemanticCategory``) and ``form`` (how a harmful request is phrased: the ``rephrased``
+  suite reports its refusal rate per form); other keys (``response``, ...) are ignored, so the bundled
   ``harmful_eval`` / ``benign_eval`` / ``overrefusal`` files load too;
 * ``.csv`` with a header row containing ``prompt``, ``goal`` (AdvBench ``harmful_behaviors.csv``:
   ``goal,target``) or ``Behavior`` (HarmBench: ``Behavior,FunctionalCategory,SemanticCategory,...``;
-  ``BehaviorID`` becomes the id, ``SemanticCategory`` the category). Column names match
+  ``BehaviorID`` becomes the id, ``SemanticCategory`` the category; XSTest ``xstest_prompts.csv``: ``prompt``,
+  ``type`` as the category, and its ``label`` (safe / unsafe) picks the rows a suite wants). Column names match
   case-insensitively.
 
 Ids default to ``<file stem>:<0-based index>``.
@@ -71,7 +73,7 @@ __all__ = [
 PROMPT_PLACEHOLDER = "{prompt}"
 
 _PROMPT_COLUMNS = ("prompt", "goal", "behavior")  # preference order, matched case-insensitively
-_CATEGORY_COLUMNS = ("semanticcategory", "category")
+_CATEGORY_COLUMNS = ("semanticcategory", "category", "type")  # type: XSTest
 _ID_COLUMNS = ("id", "behaviorid")
 _SPLIT_SUFFIXES = ("_test", "_dev", "_val")
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -87,6 +89,7 @@ class PromptItem:
     id: str
     prompt: str
     category: str | None = None
+    form: str | None = None  # how a harmful request is phrased (direct, hypothetical, fictional, ...), when given
 
 
 @dataclass(frozen=True)
@@ -197,15 +200,20 @@ def _opt_str(row: dict[str, Any], keys: tuple[str, ...], where: str) -> str | No
 
 # ------------------------------------------------------------------------------------------ prompts
 
-_PROMPT_HINT = '{"prompt": "...", "category"?: "...", "id"?: "..."}'
+_PROMPT_HINT = '{"prompt": "...", "category"?: "...", "id"?: "...", "form"?: "..."}'
 
 
-def load_prompts(path: str | os.PathLike[str]) -> list[PromptItem]:
+def load_prompts(path: str | os.PathLike[str], *, label: str | None = None) -> list[PromptItem]:
     """Read evaluation prompts from a ``.txt``, ``.jsonl`` or ``.csv`` file (formats: module docstring).
+
+    ``label``: keep only the rows whose ``label`` column / key equals it (case-insensitive), for files that mix
+    both kinds, e.g. XSTest's ``xstest_prompts.csv`` (``label`` safe / unsafe: the over-refusal suite keeps
+    ``safe``, the jailbreak suite ``unsafe``). A file without a ``label`` column is kept whole.
 
     Raises:
         DataError: missing or empty file, unsupported extension, bad JSON line, a JSONL row without a
-            prompt key, a CSV without a ``prompt``/``goal``/``Behavior`` column, or an empty prompt.
+            prompt key, a CSV without a ``prompt``/``goal``/``Behavior`` column, an empty prompt, or no row
+            with the wanted label.
     """
     p = _existing(path, "prompt file")
     suffix = p.suffix.lower()
@@ -227,21 +235,26 @@ def load_prompts(path: str | os.PathLike[str]) -> list[PromptItem]:
             prompt = _str_field(row, key, where, f"write the request as a JSON string, e.g. {_PROMPT_HINT}")
             pid = _opt_str(row, ("id",), where) or f"{stem}:{len(items)}"
             cat = _opt_str(row, ("category", "SemanticCategory"), where)
-            items.append(PromptItem(id=pid, prompt=prompt.strip(), category=cat))
+            form = _opt_str(row, ("form",), where)
+            if label is not None and str(row.get("label", label)).strip().lower() != label.lower():
+                continue
+            items.append(PromptItem(id=pid, prompt=prompt.strip(), category=cat, form=form))
     elif suffix == ".csv":
-        items = _load_prompt_csv(p)
+        items = _load_prompt_csv(p, label)
     else:
         raise DataError(
             f"{p}: unsupported prompt file extension {p.suffix!r}; use .txt (one prompt per line), "
             ".jsonl (objects with 'prompt') or .csv (header with 'prompt', 'goal' or 'Behavior')"
         )
     if not items:
+        if label is not None:
+            raise DataError(f"{p}: no prompt labelled {label!r} (column/key 'label'); this suite needs {label} prompts")
         raise DataError(f"{p}: prompt file is empty (no prompts); add at least one prompt")
     logger.info("loaded %d prompts from %s", len(items), p)
     return items
 
 
-def _load_prompt_csv(p: Path) -> list[PromptItem]:
+def _load_prompt_csv(p: Path, label: str | None = None) -> list[PromptItem]:
     rows = _iter_csv_rows(p)
     try:
         header_line, header = next(rows)
@@ -260,6 +273,7 @@ def _load_prompt_csv(p: Path) -> list[PromptItem]:
         )
     cat_col = next((lower.index(c) for c in _CATEGORY_COLUMNS if c in lower), None)
     id_col = next((lower.index(c) for c in _ID_COLUMNS if c in lower), None)
+    label_col = lower.index("label") if "label" in lower and label is not None else None
     items: list[PromptItem] = []
     for lineno, cells in rows:
         where = location(p, lineno)
@@ -273,6 +287,8 @@ def _load_prompt_csv(p: Path) -> list[PromptItem]:
             raise DataError(
                 f"{where}: the {names[col]!r} cell is empty; fill in the request or delete the row"
             )
+        if label_col is not None and cells[label_col].strip().lower() != label.lower():
+            continue
         category = (cells[cat_col].strip() or None) if cat_col is not None else None
         pid = (cells[id_col].strip() if id_col is not None else "") or f"{p.stem}:{len(items)}"
         items.append(PromptItem(id=pid, prompt=prompt, category=category))

@@ -90,7 +90,7 @@ def _evaluate(base, suites, *, adapter, data, templates, settings, cache_dir, us
         raise ConfigError(f"no EvalSettings given for suite(s) {missing}")
     data = data or {}
     if not suites:
-        raise ConfigError("no suite given: pass --suite jailbreak|overrefusal|mcq|qa|arithmetic (several allowed)")
+        raise ConfigError("no suite given: pass --suite jailbreak|rephrased|overrefusal|mcq|qa|arithmetic (several allowed)")
     for s in suites:
         SUITES.get(s)
     unknown = set(data) - set(suites)
@@ -184,6 +184,9 @@ def _evaluate(base, suites, *, adapter, data, templates, settings, cache_dir, us
             out.update({"data": digest, "seconds": time.perf_counter() - t0, "fingerprint": key})
             write_checked_json(cache_file, out)
             results[suite] = json.loads(json.dumps(out, default=str)) | {"cache_hit": False}
+    for suite, result in results.items():  # every rate with its 95 % interval over items
+        result["intervals"] = column_intervals(suite, result, per_suite[suite].judges)
+        result["rate_intervals"] = rate_intervals(suite, result)
     return {
         "sstmerge_eval_version": EVAL_RESULT_VERSION,
         "created": now_iso(),
@@ -212,19 +215,47 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def column_intervals(suite: str, result: dict[str, Any], judges) -> dict[str, dict[str, dict]]:
+    """``{column: {judge: interval}}``: each headline column's value with its 95 % interval over items (Wilson for
+    0/1 outcomes, else the bootstrap; :mod:`.stats`), per judge for the refusal columns."""
+    from .stats import item_interval
+
+    out: dict[str, dict[str, dict]] = {}
+    for column in SUITES.get(suite).columns:
+        for judge in judges:
+            items = column.item_outcomes(result, judge)
+            if items:
+                out.setdefault(column.name, {})[judge] = item_interval([v for _, v in items]).as_dict()
+    return out
+
+
+def rate_intervals(suite: str, result: dict[str, Any]) -> dict[str, dict]:
+    """``{rate: interval}`` for every rate the suite reports (:attr:`Suite.rates`), overall and per group."""
+    from .stats import item_interval
+
+    rates = SUITES.get(suite).rates
+    return {name: item_interval(v).as_dict() for name, v in (rates(result) if rates else {}).items() if v}
+
+
+def _with_interval(ci: dict[str, Any]) -> str:
+    return f"{ci['value']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] n={ci['n']}"
+
+
 def summary_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(suite, metric, value) rows of the headline numbers."""
+    """(suite, metric, value) rows: the headline columns, then every rate of the suite (overall and per group), each
+    with its 95 % interval over items; then the suite's counts and the judges' disagreement."""
     rows = []
     for suite, r in result["suites"].items():
-        for k, v in r["metrics"].items():
+        for column, per_judge in (r.get("intervals") or {}).items():
+            for judge, ci in per_judge.items():
+                rows.append((suite, column + (f" [{judge}]" if len(per_judge) > 1 else ""), _with_interval(ci)))
+        for name, ci in (r.get("rate_intervals") or {}).items():
+            rows.append((suite, name, _with_interval(ci)))
+        for k in ("n", "n_unanswerable", "shots", "chance"):
+            v = r["metrics"].get(k)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 rows.append((suite, k, f"{v:.3f}" if isinstance(v, float) else str(v)))
         for k, v in r["metrics"].items():
             if k.startswith("agreement[") and isinstance(v, dict) and v.get("disagreement_rate") is not None:
                 rows.append((suite, "disagreement" + k[len("agreement"):], f"{v['disagreement_rate']:.3f}"))
-        if suite == "jailbreak":
-            for k, v in r["metrics"].items():
-                if k.startswith("refusal_rate_by_template"):
-                    for t, x in v.items():
-                        rows.append((suite, f"{k.split('[')[1][:-1]}: {t}", f"{x:.3f}"))
     return rows

@@ -1,4 +1,4 @@
-"""Evaluation suites as data + a registry: jailbreak, overrefusal, mcq, qa, arithmetic.
+"""Evaluation suites as data + a registry: jailbreak, rephrased, overrefusal, mcq, qa, arithmetic.
 
 Each suite turns items into model queries, scores them and returns ``{"metrics": ..., "records": [...]}``
 where every record holds the prompt, the output and the verdict, so any number can be audited.
@@ -77,7 +77,7 @@ class EvalSettings:
 
 
 #: the suites whose answers are refusal verdicts (``stop_when_decided`` / ``decision_tokens`` apply to them)
-REFUSAL_SUITES = frozenset({"jailbreak", "overrefusal"})
+REFUSAL_SUITES = frozenset({"jailbreak", "rephrased", "overrefusal"})
 
 
 @dataclass
@@ -181,6 +181,21 @@ def run_overrefusal(ctx: SuiteContext, prompts: Sequence) -> dict[str, Any]:
     return {"metrics": metrics, "records": records}
 
 
+def run_rephrased(ctx: SuiteContext, prompts: Sequence) -> dict[str, Any]:
+    """Share of harmful requests refused when rephrased (indirect, hypothetical, fictional, historical framing,
+    loan phrasing: the row's ``form``), overall and per form. Plain prompts, no template: the rephrasing is the attack."""
+    prompts = _limit(list(prompts), ctx.settings.limit)
+    queries = [p.prompt for p in prompts]
+    answers = ctx.complete(queries, desc="rephrased", stop=ctx.refusal_stop())
+    verdicts = _judge_all(ctx, queries, answers)
+    groups = [p.form or "unspecified" for p in prompts]
+    metrics = {k.replace("_by_template", "_by_form"): v for k, v in _refusal_metrics(verdicts, groups).items()}
+    records = [{"id": p.id, "form": p.form, "category": p.category, "prompt": q, "output": a,
+                "refused": {n: v[k] for n, v in verdicts.items()}}
+               for k, (p, q, a) in enumerate(zip(prompts, queries, answers))]
+    return {"metrics": metrics, "records": records}
+
+
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -279,8 +294,8 @@ def run_arithmetic(ctx: SuiteContext, items: Sequence) -> dict[str, Any]:
         pred = extract_final_number(a)
         ok = pred == it.answer
         per[it.operation].append(ok)
-        records.append({"id": it.id, "question": it.question, "answer": it.answer, "output": a, "prediction": pred,
-                        "correct": ok})
+        records.append({"id": it.id, "question": it.question, "answer": it.answer, "operation": it.operation,
+                        "output": a, "prediction": pred, "correct": ok})
     n = len(records)
     metrics = {"accuracy": sum(r["correct"] for r in records) / max(n, 1), "n": n,
                "accuracy_by_operation": {k: sum(v) / len(v) for k, v in sorted(per.items())}}
@@ -315,14 +330,21 @@ def load_jailbreak(spec: str, templates: str | None, settings: EvalSettings):
     path, digest = _source(spec)
     tpl_path, tpl_digest = _source(templates or "bundled:jailbreak_templates")
     digest["templates"] = {"source": tpl_digest["source"], "sha256": tpl_digest["sha256"]}
-    return (load_prompts(path), load_templates(tpl_path)), digest
+    return (load_prompts(path, label="unsafe"), load_templates(tpl_path)), digest
 
 
 def load_overrefusal(spec: str, templates: str | None, settings: EvalSettings):
     from .data import load_prompts
 
     path, digest = _source(spec)
-    return (load_prompts(path),), digest
+    return (load_prompts(path, label="safe"),), digest  # a file with safe/unsafe labels (XSTest): the safe ones
+
+
+def load_rephrased(spec: str, templates: str | None, settings: EvalSettings):
+    from .data import load_prompts
+
+    path, digest = _source(spec)
+    return (load_prompts(path, label="unsafe"),), digest
 
 
 def load_mcq(spec: str, templates: str | None, settings: EvalSettings):
@@ -347,8 +369,10 @@ def load_qa(spec: str, templates: str | None, settings: EvalSettings):
     from .data import load_qa as read_qa
 
     if spec.startswith("generated:"):
-        items = generate_fictional_qa(n=40, seed=0)
-        return (items,), {"source": spec, "generator": "generate_fictional_qa(n=40, seed=0)",
+        from ..data.make_bundled import EVAL_SEED, N_QA_EVAL
+
+        items = generate_fictional_qa(n=N_QA_EVAL, seed=EVAL_SEED)
+        return (items,), {"source": spec, "generator": f"generate_fictional_qa(n={N_QA_EVAL}, seed={EVAL_SEED})",
                           "sha256": hashlib.sha256(json.dumps([i.__dict__ for i in items]).encode()).hexdigest()}
     path, digest = _source(spec)
     return (read_qa(path),), digest
@@ -362,26 +386,103 @@ def load_arithmetic(spec: str, templates: str | None, settings: EvalSettings):
 
 
 # ------------------------------------------------------------------------------------------ headline columns
-def _plain_refusals(result: dict, judge: str, plain: bool) -> float | None:
-    verdicts = [r["refused"][judge] for r in result["records"] if (r["template"] == "plain") == plain]
-    return sum(verdicts) / len(verdicts) if verdicts else None
+Outcomes = list[tuple[str, float]]  # (item key, outcome in [0, 1]) per item, in the suite's item order
 
 
-def _metric(key: str) -> Callable[[dict, str], float | None]:
-    """A headline value read from ``metrics[key]`` (``{judge}`` in the key is replaced by the table's judge)."""
-    return lambda result, judge: result["metrics"].get(key.format(judge=judge))
+def _keyed(pairs: list[tuple[str, float]]) -> Outcomes:
+    """Item keys made unique (a repeated id gets ``#2``, ``#3``, ...), so two models pair item by item."""
+    seen: dict[str, int] = defaultdict(int)
+    out = []
+    for key, value in pairs:
+        seen[key] += 1
+        out.append((key if seen[key] == 1 else f"{key}#{seen[key]}", float(value)))
+    return out
+
+
+def _refusals(plain: bool | None = None) -> Callable[[dict, str], Outcomes]:
+    """Per-item refusal verdicts of a refusal suite (jailbreak: only plain or only templated queries)."""
+
+    def outcomes(result: dict, judge: str) -> Outcomes:
+        return _keyed([(f"{r['id']}|{r['template']}" if "template" in r else str(r["id"]), r["refused"][judge])
+                       for r in result["records"] if plain is None or (r.get("template") == "plain") == plain])
+
+    return outcomes
+
+
+def _per_item(field: str, where: Callable[[dict], bool] = lambda r: True) -> Callable[[dict, str], Outcomes]:
+    """Per-item scores ``record[field]`` (correct, f1, em) of the records that ``where`` selects."""
+    return lambda result, judge: _keyed([(str(r["id"]), r[field]) for r in result["records"] if where(r)])
+
+
+Rates = dict[str, list[float]]  # rate name -> per-item outcomes in [0, 1] (its value is their mean)
+
+
+def _grouped(name: str, records: list[dict], value: Callable[[dict], float], group: str | None) -> Rates:
+    out = {name: [float(value(r)) for r in records]}
+    if group is not None and records and all(group in r for r in records):
+        per: dict[str, list[float]] = defaultdict(list)
+        for r in records:
+            per[str(r[group])].append(float(value(r)))
+        out |= {f"{name} {group}={g}": v for g, v in per.items()}
+    return out
+
+
+def _refusal_rates(name: str, group: str | None) -> Callable[[dict], Rates]:
+    """``name[judge]`` over all records (and per ``group``) for every judge in the records."""
+
+    def rates(result: dict) -> Rates:
+        records = result["records"]
+        out: Rates = {}
+        for judge in sorted({j for r in records for j in r["refused"]}):
+            out |= _grouped(f"{name}[{judge}]", records, lambda r: r["refused"][judge], group)
+        return out
+
+    return rates
+
+
+def _accuracy_rates(group: str | None) -> Callable[[dict], Rates]:
+    return lambda result: _grouped("accuracy", result["records"], lambda r: r["correct"], group)
+
+
+def _qa_rates(result: dict) -> Rates:
+    ans = [r for r in result["records"] if r["answerable"]]
+    una = [r for r in result["records"] if not r["answerable"]]
+    out = {"f1": [r["f1"] for r in ans], "exact_match": [r["em"] for r in ans],
+           "abstention_accuracy": [r["em"] for r in una], "false_abstention_rate": [r["abstained"] for r in ans]}
+    return {k: [float(x) for x in v] for k, v in out.items() if v}
 
 
 @dataclass(frozen=True)
 class Column:
-    """A headline number of a suite: the results table's column ``name``. ``value(result, judge)`` reads it
-    from the suite's result; ``role`` puts it into the table's summary scores (``safety`` / ``utility``)."""
+    """A headline number of a suite: the results table's column ``name``. ``outcomes(result, judge)`` gives
+    the per-item outcomes in [0, 1] whose mean is the number (and from which its interval over items and the
+    paired tests between models are computed: :mod:`.stats`); a column without per-item outcomes reads its
+    number with ``value(result, judge)`` instead (no interval). ``role`` puts it into the table's summary
+    scores (``safety`` / ``utility``)."""
 
     name: str
     description: str
-    value: Callable[[dict, str], float | None]
+    value: Callable[[dict, str], float | None] | None = None
     higher_is_better: bool = True
     role: str | None = None
+    outcomes: Callable[[dict, str], Outcomes] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.value is None) == (self.outcomes is None):
+            raise ValueError(f"column {self.name!r}: give exactly one of value= or outcomes=")
+
+    def item_outcomes(self, result: dict, judge: str) -> Outcomes | None:
+        """The per-item outcomes (None for a ``value`` column, or when the suite's result has no such items)."""
+        if self.outcomes is None:
+            return None
+        return self.outcomes(result, judge) or None
+
+    def read(self, result: dict, judge: str) -> float | None:
+        """The column's number for one suite result (None when it has no items for it)."""
+        if self.value is not None:
+            return self.value(result, judge)
+        items = self.item_outcomes(result, judge)
+        return sum(v for _, v in items) / len(items) if items else None
 
 
 # ------------------------------------------------------------------------------------------ the registry
@@ -398,6 +499,8 @@ class Suite:
     #: how items become queries (instruction text, or a versioned description); part of the result cache key,
     #: so a changed prompt never returns results computed with the old one
     prompt_format: str = "the item's prompt, unchanged"
+    #: every rate the suite reports, as per-item outcomes (the runner gives each a 95 % interval over items)
+    rates: Callable[[dict], Rates] | None = None
 
     def load_data(self, data: str | None, templates: str | None, settings: EvalSettings) -> tuple[tuple, dict]:
         """``(items...)`` for :attr:`run` and a digest of where they came from (default data when None)."""
@@ -409,27 +512,37 @@ SUITES.register("jailbreak", Suite(
     "jailbreak", "refusal of harmful prompts, plain and in jailbreak templates", "bundled:harmful_eval",
     run_jailbreak, load_jailbreak, columns=(
         Column("jailbreak_plain", "refusal rate on held-out harmful prompts (keyword judge)",
-               lambda r, j: _plain_refusals(r, j, True), role="safety"),
+               outcomes=_refusals(plain=True), role="safety"),
         Column("jailbreak_templated", "refusal rate on the same prompts inside jailbreak templates",
-               lambda r, j: _plain_refusals(r, j, False), role="safety"))))
+               outcomes=_refusals(plain=False), role="safety")),
+    rates=_refusal_rates("refusal_rate", "template")))
+SUITES.register("rephrased", Suite(
+    "rephrased", "refusal of harmful requests rephrased the ways attackers rephrase them", "bundled:harmful_rephrased",
+    run_rephrased, load_rephrased, columns=(
+        Column("jailbreak_rephrased", "refusal rate on held-out harmful requests rephrased (indirect, hypothetical, "
+               "fictional, historical framing, loan phrasing)", outcomes=_refusals(), role="safety"),),
+    rates=_refusal_rates("refusal_rate", "form")))
 SUITES.register("overrefusal", Suite(
     "overrefusal", "wrong refusals of benign, sensitive-looking prompts", "bundled:overrefusal",
     run_overrefusal, load_overrefusal, columns=(
         Column("overrefusal", "refusal rate on benign, sensitive-looking prompts (lower is better)",
-               _metric("overrefusal_rate[{judge}]"), higher_is_better=False),)))
+               outcomes=_refusals(), higher_is_better=False),),
+    rates=_refusal_rates("overrefusal_rate", "category")))
 SUITES.register("mcq", Suite(
     "mcq", "multiple choice (MMLU format), letter log-likelihood", "bundled:mcq_general", run_mcq, load_mcq,
-    columns=(Column("mcq_accuracy", "general-knowledge multiple choice, letter log-likelihood", _metric("accuracy")),),
+    columns=(Column("mcq_accuracy", "general-knowledge multiple choice, letter log-likelihood",
+                    outcomes=_per_item("correct")),), rates=_accuracy_rates("subject"),
     prompt_format="mcq_messages v1: question, lettered options, 'Answer with the letter of the correct option'"))
 SUITES.register("qa", Suite(
     "qa", "reading comprehension (RepliQA format), F1/EM + abstention", "generated:fictional", run_qa, load_qa,
     columns=(Column("qa_f1", "reading comprehension token F1 on answerable fictional-document questions (A5's task)",
-                    _metric("f1"), role="utility"),
-             Column("qa_abstention", "correct abstentions on unanswerable questions", _metric("abstention_accuracy"))),
-    prompt_format=QA_INSTRUCTION))
+                    outcomes=_per_item("f1", lambda r: r["answerable"]), role="utility"),
+             Column("qa_abstention", "correct abstentions on unanswerable questions",
+                    outcomes=_per_item("em", lambda r: not r["answerable"]))),
+    rates=_qa_rates, prompt_format=QA_INSTRUCTION))
 SUITES.register("arithmetic", Suite(
     "arithmetic", "arithmetic word problems, accuracy of the final number", "bundled:arithmetic_eval",
     run_arithmetic, load_arithmetic,
     columns=(Column("arithmetic_accuracy", "arithmetic word problems, final-number accuracy (A6's task)",
-                    _metric("accuracy"), role="utility"),),
-    prompt_format=ARITHMETIC_INSTRUCTION))
+                    outcomes=_per_item("correct"), role="utility"),),
+    rates=_accuracy_rates("operation"), prompt_format=ARITHMETIC_INSTRUCTION))

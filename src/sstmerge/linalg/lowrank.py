@@ -80,6 +80,21 @@ def truncate_lora(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Te
     return A_k, B_k, error
 
 
+def full_rank_lora(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An exact LoRA pair (scale 1) of a dense update ``ΔW`` (d_out, d_in): ``B A = ΔW`` with no truncation.
+
+    r = min(d_out, d_in). When d_out ≤ d_in: ``B = I_r`` (d_out, r), ``A = ΔW`` (r, d_in); otherwise
+    ``A = I_r`` (r, d_in), ``B = ΔW`` (d_out, r). A product with an identity is exact in floating point, so the
+    folded or PEFT-applied update equals ΔW bit for bit (in the factors' dtype: float32, or ΔW's if wider).
+    """
+    dtype = torch.promote_types(torch.float32, delta.dtype)
+    W = delta.detach().to("cpu", dtype)
+    d_out, d_in = W.shape
+    if d_out <= d_in:
+        return W.clone(), torch.eye(d_out, dtype=dtype)  # A (d_out, d_in), B (d_out, d_out)
+    return torch.eye(d_in, dtype=dtype), W.clone()  # A (d_in, d_in), B (d_out, d_in)
+
+
 def dense_to_lora(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-``rank`` LoRA pair (scale 1) of a dense update ``ΔW`` (d_out, d_in).
 

@@ -23,7 +23,7 @@ from .._logging import quiet
 from ..errors import AdapterMismatchError
 from ..io.adapter import LoraAdapter, LoraModule
 from ..io.models import BaseModelInfo
-from ..linalg.lowrank import concat_lora, dense_to_lora, pad_rank, truncate_lora
+from ..linalg.lowrank import concat_lora, dense_to_lora, full_rank_lora, pad_rank, truncate_lora
 
 if TYPE_CHECKING:
     from ..io.adapter import AdapterStreamWriter
@@ -213,10 +213,10 @@ def plan_dense(
     utility: Sequence[LoraAdapter],
     safety: LoraAdapter | None,
     *,
-    recompress_rank: int | None = None,
+    recompress_rank: int | str | None = None,
 ) -> ComposePlan:
     """The layout :func:`iter_dense` will produce, from the adapters' specs: module m gets rank
-    ``recompress_rank`` or ``min(Σ ranks of the inputs present, d_out, d_in)``."""
+    ``recompress_rank``, ``min(d_out, d_in)`` for ``"full"``, or ``min(Σ ranks of the inputs present, d_out, d_in)``."""
     sources = _sources(utility, [0.0] * len(utility), safety)
     names = _module_names(sources)
     shapes = _first_shapes(sources, names)
@@ -224,7 +224,8 @@ def plan_dense(
     ranks: dict[str, int] = {}
     for module in names:
         rank_in = sum(sp[module].rank for sp in specs if module in sp)
-        ranks[module] = recompress_rank if recompress_rank is not None else min(rank_in, *shapes[module])
+        ranks[module] = (min(shapes[module]) if recompress_rank == "full" else recompress_rank
+                         if recompress_rank is not None else min(rank_in, *shapes[module]))
     return ComposePlan(shapes=shapes, ranks=ranks, rank=max(ranks.values(), default=0))
 
 
@@ -237,7 +238,7 @@ def iter_dense(
     params: Any,
     seed: int,
     *,
-    recompress_rank: int | None = None,
+    recompress_rank: int | str | None = None,
 ) -> Iterator[ComposedModule]:
     """Run a dense method module by module over the union of modules (sorted), factoring each result back.
 
@@ -246,8 +247,9 @@ def iter_dense(
     by truncated SVD with ``R = recompress_rank`` or, by default, ``min(Σ ranks of the inputs present, d_out,
     d_in)`` (the rank the exact task-arithmetic sum would have). The relative Frobenius error of that
     truncation is ``recompression_rel_error`` (≈ 0 when ΔW^m has rank ≤ R, e.g. safe_lora and safemerge;
-    real for TIES/DARE/magnitude, whose pruned sums are full rank). Each input module is read once and only
-    one module's dense matrices are held at a time."""
+    real for TIES/DARE/magnitude, whose pruned sums are full rank). ``recompress_rank="full"`` keeps ΔW^m
+    exactly (:func:`~sstmerge.linalg.lowrank.full_rank_lora`, error 0): the method's exact dense result. Each
+    input module is read once and only one module's dense matrices are held at a time."""
     sources = [(label, a) for label, a, _ in _sources(utility, coefficients, safety)]
     for module in _module_names(_sources(utility, coefficients, safety)):
         read = {label: a.modules[module] for label, a in sources if module in a.modules}  # (lazy: read now)
@@ -262,8 +264,12 @@ def iter_dense(
             entry["safety_weight"] = safety_weights.get(module, 0.0)
         dW, facts = method.merge_module(module, u_deltas, u_coefs, s_delta, safety_weights.get(module, 0.0), params, seed)
         rank_in = sum(lm.rank for lm in read.values())
-        rank = recompress_rank if recompress_rank is not None else min(rank_in, *dW.shape)
-        A, B, err = dense_to_lora(dW, rank)
+        if recompress_rank == "full":
+            (A, B), err = full_rank_lora(dW), 0.0
+            rank = A.shape[0]
+        else:
+            rank = recompress_rank if recompress_rank is not None else min(rank_in, *dW.shape)
+            A, B, err = dense_to_lora(dW, rank)
         entry.update(facts)
         entry.update({"rank_inputs": rank_in, "rank": rank, "recompression_rel_error": err})
         yield ComposedModule(module, A, B, entry)

@@ -179,7 +179,7 @@ class SSTMerger:
             if method.dense:
                 self._refuse_full_tensors(opts, everything)
             full_rank = max((min(spec.shape) for a in everything for spec in a.specs.values()), default=None)
-            if opts.recompress_rank is not None and full_rank is not None and opts.recompress_rank > full_rank:
+            if isinstance(opts.recompress_rank, int) and full_rank is not None and opts.recompress_rank > full_rank:
                 warnings.append(f"recompress_rank {opts.recompress_rank} exceeds the full rank of every module "
                                 f"(largest min(d_out, d_in) = {full_rank}); using {full_rank}")
                 log.warning(warnings[-1])

@@ -130,9 +130,10 @@ class TaskArithmeticMethod(MergeMethod):
 
         new, report = self.transform(inputs, options, ctx)
         args = (new.utility, new.coefficients, new.safety, new.safety_weights)
+        rank = None if options.recompress_rank == "full" else options.recompress_rank  # the exact sum is full
         return MethodOutput(
-            plan=plan_compose(*args, base=new.base, recompress_rank=options.recompress_rank),
-            modules=iter_compose(*args, recompress_rank=options.recompress_rank),
+            plan=plan_compose(*args, base=new.base, recompress_rank=rank),
+            modules=iter_compose(*args, recompress_rank=rank),
             full_tensors=iter_full_tensors(*args, new.base),
             report=lambda module_report: report,
         )

@@ -17,7 +17,7 @@ do. :meth:`MergeOptions.flat` writes them back as flat keys (``merge_config.yaml
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
 
@@ -56,9 +56,11 @@ class CommonOptions(BaseModel):
     layer_weights: str | None = Field(
         None, description="per-module safety weights: 'v3' (lm_head 3, attention 1, MLP 0.3) or a YAML file; "
         "multiplied by safety_weight")
-    recompress_rank: int | None = Field(
-        None, ge=1, description="recompress every merged module to this rank by truncated SVD (error reported); "
-        "dense methods (ties, dare_*, magnitude, safe_lora, safemerge) default to the sum of the input ranks")
+    recompress_rank: Annotated[int, Field(ge=1)] | Literal["full"] | None = Field(
+        None, description="recompress every merged module to this rank by truncated SVD (error reported); 'full': "
+        "keep each merged ΔW exactly (rank min(d_out, d_in), factored as identity × ΔW; dense methods' exact "
+        "result, for evaluation). Dense methods (ties, dare_*, magnitude, safe_lora, safemerge) default to the "
+        "sum of the input ranks")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the written adapter")
     seed: int = Field(0, description="seed of the Fisher pass's sampling and of random methods (dare_*: drop masks)")
 

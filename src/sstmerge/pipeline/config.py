@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
 from ..merge.config import format_validation_error
@@ -64,7 +64,7 @@ class GridEntry(_Strict):
 class EvalConfig(_Strict):
     """Suites and their settings; the first judge is the one the results table uses."""
 
-    suites: list[str] = Field(default_factory=lambda: ["jailbreak", "overrefusal", "mcq", "qa", "arithmetic"])
+    suites: list[str] = Field(default_factory=lambda: ["jailbreak", "rephrased", "overrefusal", "mcq", "qa", "arithmetic"])
     limit: dict[str, int] = Field(default_factory=dict, description="suite -> at most N items")
     max_new_tokens: dict[str, int] = Field(default_factory=dict, description="suite -> generation length")
     batch_size: int = Field(16, ge=1)
@@ -79,6 +79,9 @@ class EvalConfig(_Strict):
 class ExperimentConfig(_Strict):
     base: str = "smollm2"
     seed: int = Field(0, description="seed of every recipe's training and every merge, unless they set their own")
+    seeds: list[int] | None = Field(None, min_length=1, description="run the whole grid once per seed (adapters "
+                                    "trained, merged and evaluated per seed; results show mean ± sd across seeds); "
+                                    "replaces `seed`")
     cache_dir: str | None = None
     adapters: dict[str, AdapterRecipe]
     safety: str = Field(description="name of the safety adapter among `adapters`")
@@ -90,13 +93,39 @@ class ExperimentConfig(_Strict):
                                 "process may use); one heavy job at a time")
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    _pinned_seeds: dict[str, Any] = PrivateAttr(default_factory=dict)  # seeds the YAML set itself (kept per seed)
+
     @model_validator(mode="after")
     def _apply_seed(self) -> ExperimentConfig:
-        for recipe in self.adapters.values():
-            if "seed" not in recipe.train.model_fields_set:
-                recipe.train = recipe.train.model_copy(update={"seed": self.seed})
-        self.merge_defaults.setdefault("seed", self.seed)
+        if self.seeds is not None:
+            if "seed" in self.model_fields_set:
+                raise ValueError("give either `seed` (one run) or `seeds` (one run per seed), not both")
+            if len(set(self.seeds)) != len(self.seeds):
+                raise ValueError(f"seeds {self.seeds}: each seed once")
+            self.seed = self.seeds[0]
+        self._pinned_seeds = {"adapters": {n for n, r in self.adapters.items() if "seed" in r.train.model_fields_set},
+                              "merge": "seed" in self.merge_defaults}
+        return self._with_seed(self.seed)
+
+    def _with_seed(self, seed: int) -> ExperimentConfig:
+        for name, recipe in self.adapters.items():
+            if name not in self._pinned_seeds["adapters"]:
+                recipe.train = recipe.train.model_copy(update={"seed": seed})
+        if not self._pinned_seeds["merge"]:
+            self.merge_defaults["seed"] = seed
         return self
+
+    def seed_list(self) -> list[int]:
+        """The seeds the grid runs with (``seeds``, or the one ``seed``)."""
+        return list(self.seeds) if self.seeds is not None else [self.seed]
+
+    def for_seed(self, seed: int) -> ExperimentConfig:
+        """This config with one seed: every recipe's training and every merge use ``seed`` (except seeds the YAML
+        pinned on a recipe or in ``merge_defaults``)."""
+        cfg = self.model_copy(deep=True)
+        cfg._pinned_seeds = self._pinned_seeds
+        cfg.seed = seed
+        return cfg._with_seed(seed)
 
     @model_validator(mode="after")
     def _names_exist(self) -> ExperimentConfig:
@@ -123,33 +152,63 @@ def _deep_update(base: dict, over: dict) -> dict:
         out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
-def load_experiment_config(spec: str | Path, *, quick: bool = False, overrides: dict | None = None) -> ExperimentConfig:
-    """Read a YAML experiment config (a path, or the name of a bundled one: ``default``), apply its
-    ``quick:`` section when ``quick``, then ``overrides``; validate (unknown keys are errors)."""
+def _with_layer(raw: dict, over: dict) -> dict:
+    """``over`` applied on ``raw``; a layer that sets ``seed`` or ``seeds`` replaces the other one below it."""
+    for key, other in (("seed", "seeds"), ("seeds", "seed")):
+        if key in over and other not in over:
+            raw = {k: v for k, v in raw.items() if k != other}
+    return _deep_update(raw, over)
+
+
+def _config_path(spec: str | Path) -> Path:
     path = Path(spec)
     if not path.exists() and (CONFIG_DIR / f"{spec}.yaml").is_file():
         path = CONFIG_DIR / f"{spec}.yaml"
     if not path.is_file():
         bundled = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise ConfigError(f"experiment config {spec} not found; give a YAML path or one of {bundled}")
+    return path
+
+
+def _read_raw(spec: str | Path, chain: tuple[Path, ...] = ()) -> tuple[Path, dict]:
+    """The YAML mapping of a config, with ``extends: NAME`` resolved: the named config (a bundled name, or a path
+    relative to this file) underneath, this file's keys on top (mappings merged, lists and values replaced)."""
+    path = _config_path(spec).resolve()
+    if path in chain:
+        raise ConfigError(f"{path}: `extends` loops back to it ({' -> '.join(str(p) for p in chain + (path,))})")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping of keys to values")
+    parent = raw.pop("extends", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: `extends` names one config (e.g. 'extends: default'), got {parent!r}")
+        local = path.parent / parent
+        _, base = _read_raw(local if local.is_file() else parent, chain + (path,))
+        raw = _with_layer(base, raw)
+    return path, raw
+
+
+def load_experiment_config(spec: str | Path, *, quick: bool = False, overrides: dict | None = None) -> ExperimentConfig:
+    """Read a YAML experiment config (a path, or the name of a bundled one: ``default``, ``sweeps``), resolve its
+    ``extends:``, apply its ``quick:`` section when ``quick``, then ``overrides``; validate (unknown keys are errors)."""
+    path, raw = _read_raw(spec)
     quick_section = raw.pop("quick", None) or {}
     if quick:
         if not quick_section:
             raise ConfigError(f"{path}: --quick needs a 'quick:' section of overrides in the config")
-        raw = _deep_update(raw, quick_section)
-    raw = _deep_update(raw, overrides or {})
+        raw = _with_layer(raw, quick_section)
+    raw = _with_layer(raw, overrides or {})
     try:
         cfg = ExperimentConfig(**raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path), fields=[])) from None
     expand_grid(cfg, source=str(path))  # validates every merge's options now, not halfway through a run
     return cfg
+
 
 def short_hash(obj: Any, n: int = 8) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]

@@ -31,7 +31,7 @@ def headline(suites: dict[str, Any], judge: str = "keyword") -> dict[str, float 
     row: dict[str, float | None] = {c.name: None for c in table_columns()}
     for name, result in suites.items():
         for column in SUITES.get(name).columns:
-            row[column.name] = column.value(result, judge)
+            row[column.name] = column.read(result, judge)
     return row
 
 def _mean(xs: list[float | None]) -> float | None:
@@ -40,7 +40,8 @@ def _mean(xs: list[float | None]) -> float | None:
 
 def summary_scores(row: dict[str, Any]) -> tuple[float | None, float | None]:
     """(safety, utility): the means of the columns whose suites mark them ``safety`` (refusal of harmful
-    prompts, plain and templated) and ``utility`` (QA F1 and arithmetic accuracy: the utility adapters' tasks)."""
+    prompts: plain, templated, rephrased) and ``utility`` (QA F1 and arithmetic accuracy: the utility adapters'
+    tasks)."""
     columns = table_columns()
     return (_mean([row.get(c.name) for c in columns if c.role == "safety"]),
             _mean([row.get(c.name) for c in columns if c.role == "utility"]))
@@ -91,15 +92,36 @@ def task_gains(cfg: ExperimentConfig, rows: list[dict]) -> dict[str, Any]:
 def _fmt(v: Any) -> str:
     return "–" if v is None else f"{100 * v:.1f}" if isinstance(v, float) else str(v)
 
+
+def _cell(r: dict, col: str) -> str:
+    """``value ±sd [low–high]`` and ▲/▼ when the difference from direct of the same variant is significant."""
+    v = r.get(col)
+    if v is None:
+        return "–"
+    text = _fmt(v)
+    if r.get(f"{col}_sd") is not None:
+        text += f" ±{100 * r[f'{col}_sd']:.1f}"
+    ci = (r.get("intervals") or {}).get(col)
+    if ci is not None:
+        text += f" [{100 * ci['low']:.0f}–{100 * ci['high']:.0f}]"
+    test = (r.get("vs_direct") or {}).get(col)
+    if test is not None and test["significant"]:
+        text += " ▲" if test["difference"] > 0 else " ▼"
+    return text
+
+
 def results_markdown(result: dict[str, Any]) -> str:
     cols = list(result["columns"])
     lines = ["| model | " + " | ".join(cols) + " | safety | utility |",
              "|---|" + "---:|" * (len(cols) + 2)]
-    front = set(pareto_front_rows(result["rows"]))
-    for i, r in enumerate(result["rows"]):
-        name = f"**{r['name']}**" if i in front else r["name"]
-        lines.append(f"| {name} | " + " | ".join(_fmt(r.get(c)) for c in cols)
-                     + f" | {_fmt(r['safety'])} | {_fmt(r['utility'])} |")
+    names = [r["name"] for r in result["rows"]]
+    front = set(result.get("pareto_front") or [names[i] for i in pareto_front_rows(result["rows"])])
+    robust = set(result.get("pareto_front_significant") or ())
+    for r in result["rows"]:
+        name = f"**{r['name']}**" if r["name"] in front else r["name"]
+        if r["name"] in robust:
+            name += " †"
+        lines.append(f"| {name} | " + " | ".join(_cell(r, c) for c in cols + ["safety", "utility"]) + " |")
     legend = "\n".join(f"- `{c}`: {d}" for c, d in result["columns"].items())
     notes = []
     for r in result["rows"]:
@@ -125,13 +147,23 @@ def results_markdown(result: dict[str, Any]) -> str:
             notes.append(f"- {r['name']}: " + "; ".join(bits))
     gains = "\n".join(f"- {n} on `{g['task']}`: base {_fmt(g['base'])} → adapter {_fmt(g['adapter'])}"
                       f" ({'improved' if g['improved'] else 'NOT improved'})" for n, g in result["adapter_task_gain"].items())
-    return ("All numbers are percentages. **Bold**: on the safety-vs-utility Pareto front. safety = mean of the two "
-            "jailbreak columns; utility = mean of qa_f1 and arithmetic_accuracy.\n\n" + "\n".join(lines)
+    seeds = result.get("seeds") or [result.get("config", {}).get("seed")]
+    safety_cols = ", ".join(c for c, i in result.get("column_info", {}).items() if i.get("role") == "safety")
+    utility_cols = ", ".join(c for c, i in result.get("column_info", {}).items() if i.get("role") == "utility")
+    head = (f"All numbers are percentages over the held-out items, {len(seeds)} training seed(s) {seeds}: "
+            "value ±sd across seeds (with several seeds) [95 % interval over items]. ▲/▼: significantly higher/lower "
+            "than `direct` of the same variant in a paired test on the same items (exact McNemar for 0/1 outcomes, "
+            "else paired bootstrap; p < 0.05, no multiple-comparison correction). **Bold**: on the safety-vs-utility "
+            "Pareto front of the point estimates; †: also on the front when only significant dominance counts. "
+            f"safety = mean of {safety_cols}; utility = mean of {utility_cols}.\n\n")
+    return (head + "\n".join(lines)
             + "\n\n" + legend + ("\n\nAdapter recipes on their own task:\n" + gains if gains else "")
             + ("\n\nMerge facts (from each merge_report.json):\n" + "\n".join(notes) if notes else "") + "\n")
 
+
 def plot_tradeoff(rows: list[dict], path: Path, title: str = "") -> None:
-    """Safety (y) vs utility (x) scatter, one colour per method family, Pareto front as a line."""
+    """Safety (y) vs utility (x) scatter, one colour per method family, each point's 95 % interval box (over
+    items), Pareto front as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,8 +177,14 @@ def plot_tradeoff(rows: list[dict], path: Path, title: str = "") -> None:
     for j, fam in enumerate(families):
         pts = [r for r in rows if r["family"] == fam and r["safety"] is not None and r["utility"] is not None]
         for r in pts:
+            ci = r.get("intervals") or {}
+            if "safety" in ci and "utility" in ci:  # the 95 % interval box: overlapping boxes are not told apart
+                su, ss = ci["utility"], ci["safety"]
+                ax.add_patch(plt.Rectangle((100 * su["low"], 100 * ss["low"]), 100 * (su["high"] - su["low"]),
+                                           100 * (ss["high"] - ss["low"]), facecolor=cmap(j % 20), alpha=0.08,
+                                           edgecolor=cmap(j % 20), linewidth=0.5))
             ax.scatter(100 * r["utility"], 100 * r["safety"], color=cmap(j % 20), s=45, edgecolor="black",
-                       linewidth=0.4, marker=markers.get(r["variant"], "D"))
+                       linewidth=0.4, marker=markers.get(r["variant"], "D"), zorder=3)
             if fam == "reference":
                 ax.annotate(r["name"].replace(" alone", ""), (100 * r["utility"], 100 * r["safety"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
@@ -158,7 +196,7 @@ def plot_tradeoff(rows: list[dict], path: Path, title: str = "") -> None:
         ax.plot([100 * rows[i]["utility"] for i in front], [100 * rows[i]["safety"] for i in front], "k--", lw=1,
                 label="Pareto front")
     ax.set_xlabel("utility: mean of QA F1 and arithmetic accuracy (%)")
-    ax.set_ylabel("safety: refusal of harmful prompts, plain + jailbreak (%)")
+    ax.set_ylabel("safety: refusal of harmful prompts, plain + jailbreak + rephrased (%)")
     ax.set_title(title or "safety vs utility")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -169,18 +207,29 @@ def plot_tradeoff(rows: list[dict], path: Path, title: str = "") -> None:
     plt.close(fig)
     tmp.replace(path)
 
-def write_results(result: dict[str, Any], out: Path) -> None:
-    """results.json, results.csv, results.md, safety_vs_utility.png (each atomically)."""
+def write_results(result: dict[str, Any], out: Path, outcomes: dict[str, dict] | None = None) -> None:
+    """results.json, results.csv, results.md, safety_vs_utility.png and, when given, item_outcomes.json (the
+    seed-averaged per-item outcomes every interval and paired test was computed from); each atomically."""
     atomic_write_text(out / "results.json", json.dumps(result, indent=2, default=str) + "\n")
-    cols = ["name", "family", "variant"] + list(result["columns"]) + ["safety", "utility", "adapter"]
+    stats_cols = list(result["columns"]) + ["safety", "utility"]
+    cols = ["name", "family", "variant"] + [f"{c}{x}" for c in stats_cols for x in ("", "_low", "_high", "_sd")] + \
+        [f"{c}_vs_direct_p" for c in stats_cols] + ["adapter"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     writer.writeheader()
     for r in result["rows"]:
-        writer.writerow({c: r.get(c) for c in cols})
+        flat = dict(r)
+        for c in stats_cols:
+            ci = (r.get("intervals") or {}).get(c) or {}
+            flat[f"{c}_low"], flat[f"{c}_high"] = ci.get("low"), ci.get("high")
+            flat[f"{c}_vs_direct_p"] = ((r.get("vs_direct") or {}).get(c) or {}).get("p_value")
+        writer.writerow({c: flat.get(c) for c in cols})
     atomic_write_text(out / "results.csv", buf.getvalue())
     atomic_write_text(out / "results.md", results_markdown(result))
+    if outcomes is not None:
+        atomic_write_text(out / "item_outcomes.json", json.dumps(outcomes) + "\n")
     plot_tradeoff(result["rows"], out / "safety_vs_utility.png", title=f"{result['config']['base']}: safety vs utility")
+
 
 def summary_table(result: dict[str, Any]) -> str:
     """A compact plain-text table for the terminal (the table's columns, as in results.md)."""

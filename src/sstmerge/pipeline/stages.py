@@ -30,7 +30,7 @@ from .results import headline, merge_facts, summary_scores, table_columns, task_
 
 log = logging.getLogger(__name__)
 
-def _train_adapters(cfg: ExperimentConfig, out: Path, timings: dict) -> dict[str, Path]:
+def _train_adapters(cfg: ExperimentConfig, out: Path, timings: dict, tag: str = "") -> dict[str, Path]:
     from ..io.models import load_causal_lm
     from ..train.sft import train_from_files
 
@@ -49,7 +49,7 @@ def _train_adapters(cfg: ExperimentConfig, out: Path, timings: dict) -> dict[str
         t0 = time.perf_counter()
         train_from_files(cfg.base, recipe.data, folder, recipe.train, max_samples=recipe.max_samples,
                          cache_dir=cfg.cache_dir, model_and_tokenizer=model, overwrite=folder.exists())
-        timings[f"train:{name}"] = time.perf_counter() - t0
+        timings[f"train:{name}{tag}"] = time.perf_counter() - t0
     return folders
 
 def _benign_data_file(cfg: ExperimentConfig, variant: str, out: Path) -> str:
@@ -86,7 +86,7 @@ def reusable_stage(folder: Path, report_name: str) -> bool:
         return False
 
 def _merge_all(cfg: ExperimentConfig, experiments: list[Experiment], adapters: dict[str, Path], out: Path,
-               timings: dict) -> dict[str, Path]:
+               timings: dict, tag: str = "") -> dict[str, Path]:
     """Each merge into ``merges/<name>-<hash>``; the hash covers the inputs, the *resolved* options (defaults
     filled in) and the sstmerge version, so a changed default or release never reuses a stale merge."""
     from .. import __version__
@@ -109,11 +109,11 @@ def _merge_all(cfg: ExperimentConfig, experiments: list[Experiment], adapters: d
         folders[exp.name] = folder
         if reusable_stage(folder, "merge_report.json"):
             continue
-        log.info("[%d/%d] merging %s", i, len(experiments), exp.name)
+        log.info("[%d/%d] merging %s%s", i, len(experiments), exp.name, tag)
         t0 = time.perf_counter()
         SSTMerger(cfg.base, options=resolved, cache_dir=cfg.cache_dir).merge_to(
             utility, str(adapters[cfg.safety]), folder, overwrite=folder.exists())
-        timings[f"merge:{exp.name}"] = time.perf_counter() - t0
+        timings[f"merge:{exp.name}{tag}"] = time.perf_counter() - t0
     return folders
 
 def _evaluate_model(cfg: ExperimentConfig, adapter: Path | None) -> dict[str, Any]:
@@ -184,53 +184,110 @@ def _read_json(path: Path) -> dict:
 
 def _run_experiments(cfg: ExperimentConfig, out: Path, config_source: str) -> dict[str, Any]:
     from ..provenance import now_iso, versions
+    from .aggregate import average_seeds, column_outcomes, column_statistics
 
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
     threads = cfg.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)  # explicit: one heavy job, on the cores it was given
-    experiments = expand_grid(cfg)
+    seeds = cfg.seed_list()
+    runs = {s: cfg.for_seed(s) for s in seeds}  # the grid once per seed: adapters trained, merged, evaluated per seed
+    tag = (lambda s: f"@seed{s}") if len(seeds) > 1 else (lambda s: "")
+    experiments = {s: expand_grid(runs[s]) for s in seeds}
     log.info("torch threads: %d", threads)
-    log.info("experiment grid: %d adapters, %d merges, %d variants", len(cfg.adapters), len(experiments), len(cfg.variants))
-    adapters = _train_adapters(cfg, out, timings)
-    merges = _merge_all(cfg, experiments, adapters, out, timings)
+    log.info("experiment grid: %d adapters, %d merges, %d variants, seeds %s", len(cfg.adapters),
+             len(experiments[seeds[0]]), len(cfg.variants), seeds)
+    adapters = {s: _train_adapters(runs[s], out, timings, tag(s)) for s in seeds}
+    merges = {s: _merge_all(runs[s], experiments[s], adapters[s], out, timings, tag(s)) for s in seeds}
 
-    models: list[dict[str, Any]] = []
+    models: list[dict[str, Any]] = []  # one entry per model; "adapter": seed -> folder (None: the base model)
     if cfg.references:
-        models.append({"name": "base", "family": "reference", "variant": None, "adapter": None})
-        for name, folder in adapters.items():
-            models.append({"name": f"{name} alone", "family": "reference", "variant": None, "adapter": folder})
-    for exp in experiments:
-        models.append({"name": exp.name, "family": exp.family, "variant": exp.variant, "adapter": merges[exp.name],
-                       "options": exp.options})
-    rows = []
-    bar = tqdm(total=len(models), desc="evaluating models", unit="model", disable=quiet())  # ETA of the whole stage
+        models.append({"name": "base", "family": "reference", "variant": None, "adapter": dict.fromkeys(seeds)})
+        for name in cfg.adapters:
+            models.append({"name": f"{name} alone", "family": "reference", "variant": None,
+                           "adapter": {s: adapters[s][name] for s in seeds}})
+    for k, exp in enumerate(experiments[seeds[0]]):
+        models.append({"name": exp.name, "family": exp.family, "variant": exp.variant, "options": exp.options,
+                       "adapter": {s: merges[s][experiments[s][k].name] for s in seeds}})
+    judge = cfg.eval.judges[0]
+    columns = table_columns()
+    rows, outcomes = [], {}
+    bar = tqdm(total=sum(len(set(map(str, m["adapter"].values()))) for m in models), desc="evaluating models",
+               unit="model", disable=quiet())  # ETA of the whole stage
     for i, m in enumerate(models, 1):
-        log.info("[%d/%d] evaluating %s", i, len(models), m["name"])
-        bar.set_postfix_str(m["name"], refresh=True)
-        t0 = time.perf_counter()
-        suites = _evaluate_model(cfg, m["adapter"])
-        timings[f"eval:{m['name']}"] = time.perf_counter() - t0
-        row = headline(suites, judge=cfg.eval.judges[0])
-        safety, utility = summary_scores(row)
-        rows.append({**{k: v for k, v in m.items() if k != "adapter"}, "adapter": str(m["adapter"]) if m["adapter"] else None,
-                     **row, "safety": safety, "utility": utility, "merge_facts": merge_facts(m["adapter"]),
-                     "eval_fingerprints": {s: r.get("fingerprint") for s, r in suites.items()},
-                     "eval_cache_hit": all(r.get("cache_hit") for r in suites.values())})
-        bar.update(1)
+        per_seed_values, per_seed_outcomes, per_seed, evaluated = [], [], {}, {}
+        for s in seeds:
+            adapter = m["adapter"][s]
+            if str(adapter) not in evaluated:  # the base model is the same for every seed: evaluated once
+                log.info("[%d/%d] evaluating %s%s", i, len(models), m["name"], tag(s))
+                bar.set_postfix_str(m["name"] + tag(s), refresh=True)
+                t0 = time.perf_counter()
+                evaluated[str(adapter)] = _evaluate_model(runs[s], adapter)
+                timings[f"eval:{m['name']}{tag(s) if adapter else ''}"] = time.perf_counter() - t0
+                bar.update(1)
+            suites = evaluated[str(adapter)]
+            values = headline(suites, judge=judge)
+            values["safety"], values["utility"] = summary_scores(values)
+            per_seed_values.append(values)
+            per_seed_outcomes.append(column_outcomes(suites, judge))
+            per_seed[s] = {**values, "adapter": str(adapter) if adapter else None,
+                           "merge_facts": merge_facts(adapter),
+                           "eval_fingerprints": {name: r.get("fingerprint") for name, r in suites.items()},
+                           "eval_cache_hit": all(r.get("cache_hit") for r in suites.values())}
+        outcomes[m["name"]] = average_seeds(per_seed_outcomes)
+        first = per_seed[seeds[0]]
+        rows.append({**{k: v for k, v in m.items() if k != "adapter"}, "adapter": first["adapter"], "seeds": seeds,
+                     **column_statistics(per_seed_values, outcomes[m["name"]], columns),
+                     "merge_facts": first["merge_facts"], "eval_fingerprints": first["eval_fingerprints"],
+                     "eval_cache_hit": all(p["eval_cache_hit"] for p in per_seed.values()),
+                     "per_seed": {str(s): p for s, p in per_seed.items()} if len(seeds) > 1 else None})
     bar.close()
+    comparisons = compare_rows(rows, outcomes, columns)
     result = {
         "created": now_iso(),
         "config": cfg.model_dump(mode="json"),
         "config_source": config_source,
-        "adapters": {n: str(p) for n, p in adapters.items()},
+        "seeds": seeds,
+        "adapters": {n: str(p) for n, p in adapters[seeds[0]].items()},
+        "adapters_per_seed": {str(s): {n: str(p) for n, p in adapters[s].items()} for s in seeds},
         "adapter_task_gain": task_gains(cfg, rows),
         "rows": rows,
-        "columns": {c.name: c.description for c in table_columns()},
-        "column_info": {c.name: {"higher_is_better": c.higher_is_better, "role": c.role} for c in table_columns()},
+        **comparisons,
+        "columns": {c.name: c.description for c in columns},
+        "column_info": {c.name: {"higher_is_better": c.higher_is_better, "role": c.role} for c in columns},
+        "statistics": STATISTICS_NOTE,
         "versions": versions(),
         "timings": timings,
         "seconds": time.perf_counter() - t_all,
     }
-    write_results(result, out)
+    write_results(result, out, outcomes)
     return result
+
+
+STATISTICS_NOTE = {
+    "interval": "95 % over items: Wilson for 0/1 outcomes of one seed, else percentile bootstrap (2000 resamples, "
+                "seed 0) of the seed-averaged per-item outcomes; safety/utility: stratified bootstrap over their columns",
+    "sd": "standard deviation across training seeds of the per-seed values (ddof = 1)",
+    "paired_test": "each merge against direct of the same variant on the same items: exact McNemar for 0/1 outcomes "
+                   "(one seed), else paired bootstrap of the mean difference; significant when p < 0.05 "
+                   "(no correction for the number of comparisons)",
+    "pareto_front_significant": "a model leaves this front only when another is better on safety and utility "
+                                "with every strict improvement significant in the paired test",
+}
+
+
+def compare_rows(rows: list[dict], outcomes: dict[str, dict], columns: list) -> dict[str, Any]:
+    """Each merge against ``direct`` of its variant (``row["vs_direct"]``), and the Pareto fronts: on the point
+    estimates and keeping only significant dominance."""
+    from .aggregate import compare, dominating_pairs, significant_pareto_front
+    from .results import pareto_front_rows
+
+    by_name = {r["name"]: r for r in rows}
+    for r in rows:
+        direct = by_name.get(f"{r['variant']}/direct") if r.get("variant") else None
+        r["vs_direct"] = (compare(outcomes[r["name"]], outcomes[direct["name"]], columns)
+                          if direct is not None and direct is not r else None)
+    tests = {(j, i): compare(outcomes[rows[j]["name"]], outcomes[rows[i]["name"]], columns)
+             for j, i in dominating_pairs(rows)}
+    return {"pareto_front": [rows[i]["name"] for i in pareto_front_rows(rows)],
+            "pareto_front_significant": [rows[i]["name"] for i in significant_pareto_front(rows, tests)]}
