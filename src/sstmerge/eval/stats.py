@@ -153,8 +153,8 @@ def mcnemar_exact(a: Sequence[float], b: Sequence[float]) -> PairedTest:
         raise ValueError("mcnemar_exact: outcomes must be 0/1; use paired_bootstrap for scores")
     only_a, only_b = int(((x == 1) & (y == 0)).sum()), int(((x == 0) & (y == 1)).sum())
     p = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
-    low, high = _bootstrap_difference(x, y)
-    return PairedTest(float(x.mean() - y.mean()), low, high, min(p, 1.0), x.size, "mcnemar_exact", (only_a, only_b))
+    boot = paired_bootstrap(x, y)  # the interval of the difference
+    return PairedTest(boot.difference, boot.low, boot.high, min(p, 1.0), x.size, "mcnemar_exact", (only_a, only_b))
 
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_resamples: int = N_RESAMPLES,
@@ -205,12 +205,3 @@ def _bootstrap_means(d: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
     res = bootstrap((d,), np.mean, n_resamples=n_resamples, method="percentile", vectorized=True,
                     random_state=np.random.default_rng(seed))
     return np.asarray(res.bootstrap_distribution)
-
-
-def _bootstrap_difference(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    d = x - y
-    if np.all(d == d[0]):
-        return float(d[0]), float(d[0])
-    dist = _bootstrap_means(d, N_RESAMPLES, SEED)
-    low, high = np.quantile(dist, [(1 - CONFIDENCE) / 2, 1 - (1 - CONFIDENCE) / 2])
-    return float(low), float(high)

@@ -333,18 +333,20 @@ def load_jailbreak(spec: str, templates: str | None, settings: EvalSettings):
     return (load_prompts(path, label="unsafe"), load_templates(tpl_path)), digest
 
 
-def load_overrefusal(spec: str, templates: str | None, settings: EvalSettings):
-    from .data import load_prompts
+def _prompt_loader(label: str) -> Callable[[str, str | None, EvalSettings], tuple[tuple, dict]]:
+    """A loader of a prompt file; from a file with safe/unsafe labels (XSTest) it keeps the ``label`` rows."""
 
-    path, digest = _source(spec)
-    return (load_prompts(path, label="safe"),), digest  # a file with safe/unsafe labels (XSTest): the safe ones
+    def load(spec: str, templates: str | None, settings: EvalSettings):
+        from .data import load_prompts
+
+        path, digest = _source(spec)
+        return (load_prompts(path, label=label),), digest
+
+    return load
 
 
-def load_rephrased(spec: str, templates: str | None, settings: EvalSettings):
-    from .data import load_prompts
-
-    path, digest = _source(spec)
-    return (load_prompts(path, label="unsafe"),), digest
+load_overrefusal = _prompt_loader("safe")
+load_rephrased = _prompt_loader("unsafe")
 
 
 def load_mcq(spec: str, templates: str | None, settings: EvalSettings):

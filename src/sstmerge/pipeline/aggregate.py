@@ -55,7 +55,8 @@ def average_seeds(per_seed: list[dict[str, Outcomes]]) -> dict[str, Outcomes]:
 
 def column_statistics(per_seed_values: list[dict[str, float | None]], outcomes: dict[str, Outcomes],
                       columns: list) -> dict[str, Any]:
-    """Value (mean over seeds), sd across seeds and the interval over items of each column, and of the summary scores.
+    """Value (mean over seeds), sd across seeds and the interval over items of each column, and of the summary scores
+    (``per_seed_values`` holds each seed's column values and its ``safety`` / ``utility``).
 
     Returns ``{col: value, f"{col}_sd": sd | None, ...}`` plus ``intervals: {col: Interval dict}``."""
     row: dict[str, Any] = {}
@@ -69,8 +70,7 @@ def column_statistics(per_seed_values: list[dict[str, float | None]], outcomes: 
             intervals[c.name] = stats.item_interval(list(outcomes[c.name].values())).as_dict()
     for role in ("safety", "utility"):
         cols = [c.name for c in columns if c.role == role]
-        per_seed = [_mean([v.get(c) for c in cols]) for v in per_seed_values]
-        present = [v for v in per_seed if v is not None]
+        present = [v[role] for v in per_seed_values if v.get(role) is not None]
         row[role] = float(np.mean(present)) if present else None
         row[f"{role}_sd"] = float(np.std(present, ddof=1)) if len(present) > 1 else None
         have = [c for c in cols if row.get(c) is not None]
@@ -133,7 +133,3 @@ def dominating_pairs(rows: list[dict]) -> list[tuple[int, int]]:
                     pairs.append((j, i))
     return pairs
 
-
-def _mean(xs: list[float | None]) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
