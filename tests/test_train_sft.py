@@ -175,3 +175,30 @@ def test_empty_examples_and_bad_options(tmp_path, model, tok):
         TrainOptions(lr=0)
     with pytest.raises(ValueError):
         TrainOptions(learning_rate=1e-3)  # extra keys are forbidden
+
+
+def test_answer_loss_equals_the_full_logits_loss_and_its_gradients(tok, examples):
+    """The LM head only where an answer token is predicted gives transformers' loss and the same gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    from sstmerge.data.chat import collate, encode_example, pad_id
+    from sstmerge.train.sft import answer_loss
+
+    peft_model = get_peft_model(build_model(len(tok), seed=1), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                          init_lora_weights=False))
+    rows = [encode_example(tok, e, max_length=64) for e in examples[:5]]
+    batch = collate(rows, pad_id(tok), padding_side="right")
+    assert (batch["labels"] == -100).float().mean() > 0.3  # prompts and padding carry no labels: a real saving
+
+    def grads(loss):
+        peft_model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    reference = peft_model(**batch, use_cache=False).loss
+    ours = answer_loss(peft_model, batch)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    g_ref, g_ours = grads(reference), grads(answer_loss(peft_model, batch))
+    assert g_ref.keys() == g_ours.keys() and g_ref
+    for name in g_ref:
+        torch.testing.assert_close(g_ours[name], g_ref[name], rtol=1e-4, atol=1e-6)

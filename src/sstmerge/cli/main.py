@@ -336,7 +336,11 @@ def inspect(adapter: str, allow_pickle: bool, as_json: bool) -> None:
 @click.option("--templates", default=None, help="jailbreak templates (JSONL or text blocks with {prompt})")
 @click.option("--limit", type=int, default=None, help="at most N items per suite")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=int, default=None,
+              help="rows per generation batch [default: the device's: 64 on a CPU, from free memory on a GPU]")
+@click.option("--engine", type=click.Choice(["cached", "transformers"]), default="cached", show_default=True,
+              help="HF generation: cached (a batch's common prompt prefix computed once, finished rows dropped) or "
+              "transformers (model.generate; the reference, same answers up to float rounding)")
 @click.option("--shots", type=int, default=0, show_default=True, help="mcq: few-shot exemplars")
 @click.option("--judge", "judges", multiple=True, default=("keyword",), show_default=True,
               help="refusal judges (repeatable): keyword, logprob")
@@ -355,7 +359,7 @@ def inspect(adapter: str, allow_pickle: bool, as_json: bool) -> None:
               "the base weights (the reference path; slower)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="results JSON (written atomically)")
 @click.option("--overwrite", is_flag=True, help="replace --out if it is an earlier sstmerge results file")
-def eval_command(base, adapter, suites, data, templates, limit, max_new_tokens, batch_size, shots, judges, cache_dir,
+def eval_command(base, adapter, suites, data, templates, limit, max_new_tokens, batch_size, engine, shots, judges, cache_dir,
                  no_cache, device, backend, templates_per_prompt, stop_when_decided, decision_tokens, no_fold, out,
                  overwrite) -> None:
     """Evaluate a base model (+ adapter): jailbreak resistance, over-refusal, multiple choice, reading comprehension."""
@@ -377,7 +381,7 @@ def eval_command(base, adapter, suites, data, templates, limit, max_new_tokens, 
             raise ConfigError(f"--data {d!r}: with several suites write SUITE=FILE (suites: {', '.join(suites)})")
     inputs = [base, adapter, templates, *data_map.values()]
     check_output_target(out, overwrite=overwrite, inputs=inputs, is_file=True)  # before the (long) evaluation
-    settings = {s: EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, shots=shots,
+    settings = {s: EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine, limit=limit, shots=shots,
                                 judges=tuple(judges), backend=backend, templates_per_prompt=templates_per_prompt,
                                 stop_when_decided=stop_when_decided and s in REFUSAL_SUITES,
                                 decision_tokens=decision_tokens if s in REFUSAL_SUITES else None) for s in suites}

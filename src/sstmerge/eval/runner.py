@@ -23,7 +23,7 @@ from ..io.atomic import remove_stale_temps
 from ..io.hashing import model_files, sha256_files
 from ..io.integrity import read_checked_json, write_checked_json
 from ..io.locking import PathLock
-from ..io.models import default_cache_dir, load_base_info, load_causal_lm, resolve_base
+from ..io.models import default_cache_dir, load_base_info, load_causal_lm, resolve_base, resolve_device
 from ..provenance import now_iso, versions
 from .suites import SUITES, EvalSettings, SuiteContext
 
@@ -112,6 +112,16 @@ def _evaluate(base, suites, *, adapter, data, templates, settings, cache_dir, us
     loaded = {s: SUITES.get(s).load_data(data.get(s), templates, per_suite[s]) for s in suites}  # validate all data first
 
     base_path = resolve_base(base, cache_dir)
+    device = resolve_device(device)
+    if any(per_suite[s].batch_size is None for s in suites):  # the device's default batch, resolved before keying
+        from dataclasses import replace
+
+        from transformers import AutoConfig
+
+        from .generate import default_batch_size
+
+        rows = default_batch_size(device, AutoConfig.from_pretrained(str(base_path)) if device != "cpu" else None)
+        per_suite = {s: replace(v, batch_size=rows) if v.batch_size is None else v for s, v in per_suite.items()}
     model_digest = sha256_files(model_files(base_path))
     adapter_digest, adapter_obj = None, None
     if adapter is not None:

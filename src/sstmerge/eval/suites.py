@@ -19,10 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .._logging import quiet
-from ..data.chat import collate, pad_id
+from ..data.chat import pad_id
 from ..data.tasks import ARITHMETIC_INSTRUCTION, QA_INSTRUCTION, extract_final_number
 from ..registry import Registry
-from .generate import StopRule, generate, render_prompt
+from . import generate as generate_module
+from .generate import ENGINES, StopRule, default_batch_size, generate, prefill, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalSettings:
     max_new_tokens: int = 64
-    batch_size: int = 8
+    batch_size: int | None = None  # rows per generation batch; None: the device's default (generate.default_batch_size)
     limit: int | None = None
     shots: int = 0  # mcq few-shot exemplars
     judges: tuple[str, ...] = ("keyword",)
@@ -41,6 +42,7 @@ class EvalSettings:
     # at most (an approximation: refusals come first; measured by benchmarks/bench_eval.py)
     stop_when_decided: bool = False
     decision_tokens: int | None = None
+    engine: str = "cached"  # HF backend: "cached" (common prefix once, finished rows dropped) or "transformers"
 
     def __post_init__(self) -> None:
         """Bad settings are errors here, not silent wrong answers later (``limit=0`` used to report a rate of
@@ -54,13 +56,15 @@ class EvalSettings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= {lo}, got {value!r}")
 
         whole("max_new_tokens", self.max_new_tokens, 1)
-        whole("batch_size", self.batch_size, 1)
+        whole("batch_size", self.batch_size, 1, optional=True)
         whole("limit", self.limit, 1, optional=True)
         whole("shots", self.shots, 0)
         whole("templates_per_prompt", self.templates_per_prompt, 1, optional=True)
         whole("decision_tokens", self.decision_tokens, 1, optional=True)
         if not self.judges:
             raise ConfigError("at least one --judge is needed (keyword, logprob)")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
 
     def as_dict(self) -> dict[str, Any]:
         out = {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, "limit": self.limit,
@@ -73,6 +77,7 @@ class EvalSettings:
             out["stop_when_decided"] = True
         if self.decision_tokens is not None:
             out["decision_tokens"] = self.decision_tokens
+        out["engine"] = self.engine  # the engines agree up to float rounding; a cached answer names its engine
         return out
 
 
@@ -94,7 +99,13 @@ class SuiteContext:
         if self.generator is not None:
             return self.generator(list(prompts), max_new_tokens=self.settings.max_new_tokens, desc=desc)
         return generate(self.model, self.tokenizer, prompts, max_new_tokens=self.settings.max_new_tokens,
-                        batch_size=self.settings.batch_size, desc=desc, stop=stop)
+                        batch_size=self.batch_size(), desc=desc, stop=stop, engine=self.settings.engine)
+
+    def batch_size(self) -> int:
+        """The settings' batch size, or the default of the device the model is on."""
+        if self.settings.batch_size is not None:
+            return self.settings.batch_size
+        return default_batch_size(str(next(self.model.parameters()).device), getattr(self.model, "config", None))
 
     def refusal_stop(self) -> StopRule | None:
         """The early-stop rule of the refusal suites: every judge's verdict settled, or ``decision_tokens``
@@ -214,9 +225,10 @@ def mcq_messages(item, shots: Sequence = ()) -> list[dict[str, str]]:
     return messages
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def letter_logprobs(model, tokenizer, items: Sequence, shots: Sequence, batch_size: int) -> list[list[float]]:
-    """log p(letter | prompt) for each option letter, read at the first answer position (left-padded batches)."""
+    """log p(letter | prompt) for each option letter, read at the first answer position (batches of similar
+    length through :func:`~.generate.prefill`: their common prefix once, the rest left-padded after it)."""
     prefixes = [render_prompt(tokenizer, mcq_messages(it, shots)) for it in items]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prefixes]
     letter_ids: list[list[int]] = []
@@ -231,13 +243,8 @@ def letter_logprobs(model, tokenizer, items: Sequence, shots: Sequence, batch_si
     order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
     for start in tqdm(range(0, len(order), batch_size), desc="mcq", unit="batch", disable=quiet(), leave=False):
         idx = order[start : start + batch_size]
-        batch = collate([{"input_ids": encoded[i]} for i in idx], pad, padding_side="left")
-        ids, mask = batch["input_ids"], batch["attention_mask"]  # (rows, width), left-padded
-        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-        device = next(model.parameters()).device
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       position_ids=position_ids.to(device)).logits[:, -1, :].float().cpu()
-        logp = torch.log_softmax(logits, dim=-1)
+        logits, *_ = prefill(model, [encoded[i] for i in idx], pad, chunk_tokens=generate_module.PREFILL_CHUNK_TOKENS)
+        logp = torch.log_softmax(logits.float().cpu(), dim=-1)
         for row, i in enumerate(idx):
             out[i] = [float(logp[row, t]) for t in letter_ids[i]]
     return out
@@ -247,7 +254,7 @@ def run_mcq(ctx: SuiteContext, items: Sequence, dev: Sequence = ()) -> dict[str,
     """Accuracy by answer-letter log-likelihood in the chat template (zero- or few-shot), overall and per subject."""
     items = _limit(list(items), ctx.settings.limit)
     shots = list(dev)[: ctx.settings.shots]
-    scores = letter_logprobs(ctx.model, ctx.tokenizer, items, shots, ctx.settings.batch_size)
+    scores = letter_logprobs(ctx.model, ctx.tokenizer, items, shots, ctx.batch_size())
     records, per = [], defaultdict(list)
     for it, s in zip(items, scores):
         pred = max(range(len(s)), key=lambda j: s[j])

@@ -201,6 +201,15 @@ def load_base_info(spec: str | Path, cache_dir: str | Path | None = None) -> Bas
     return BaseModelInfo(spec=str(spec), path=path, config=config, linear_shapes=linear, param_shapes=params, tied=tied)
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; a ``cuda`` request without a GPU is an error."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
 def load_causal_lm(
     spec: str | Path, cache_dir: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ):
@@ -210,10 +219,7 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r} requested but torch sees no CUDA GPU; use --device cpu")
+    device = resolve_device(device)
     path = resolve_base(spec, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
     model.eval()

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -67,7 +67,11 @@ class EvalConfig(_Strict):
     suites: list[str] = Field(default_factory=lambda: ["jailbreak", "rephrased", "overrefusal", "mcq", "qa", "arithmetic"])
     limit: dict[str, int] = Field(default_factory=dict, description="suite -> at most N items")
     max_new_tokens: dict[str, int] = Field(default_factory=dict, description="suite -> generation length")
-    batch_size: int = Field(16, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="rows per generation batch; auto: the device's default (64 on a CPU, from free memory on a GPU)")
+    engine: Literal["cached", "transformers"] = Field(
+        "cached", description="HF generation: cached (common prompt prefix once, finished rows dropped) or transformers "
+        "(model.generate, the reference)")
     templates_per_prompt: int | None = Field(1, ge=1, description="jailbreak templates per prompt (None: all)")
     judges: list[str] = Field(default_factory=lambda: ["keyword"], min_length=1)
     device: str = "auto"
@@ -88,7 +92,8 @@ class ExperimentConfig(_Strict):
     variants: dict[str, list[str]] = Field(description="variant name -> utility adapter names (merged with `safety`)")
     merge_defaults: dict[str, Any] = Field(default_factory=dict, description="flat option keys for every merge (each method takes those it has)")
     grid: list[GridEntry] = Field(default_factory=list)
-    references: bool = Field(True, description="also evaluate the base model and each adapter alone")
+    references: bool | list[str] = Field(True, description="also evaluate the base model and each adapter alone "
+                                         "(true), none of them (false), or those named (`base` and adapter names)")
     threads: int | None = Field(None, ge=1, description="torch threads for the whole run (default: the CPUs this "
                                 "process may use); one heavy job at a time")
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -144,7 +149,18 @@ class ExperimentConfig(_Strict):
             for v in e.variants or []:
                 if v not in self.variants:
                     raise ValueError(f"grid entry {e.name!r}: unknown variant {v!r}.{did_you_mean(v, list(self.variants))}")
+        if isinstance(self.references, list):
+            for r in self.references:
+                if r != "base" and r not in self.adapters:
+                    raise ValueError(f"references: unknown model {r!r} (base or an adapter name)."
+                                     f"{did_you_mean(r, ['base', *names])}")
         return self
+
+    def reference_models(self) -> tuple[bool, list[str]]:
+        """``(evaluate the base model, adapters to evaluate alone)`` from ``references``."""
+        if isinstance(self.references, bool):
+            return self.references, list(self.adapters) if self.references else []
+        return "base" in self.references, [a for a in self.adapters if a in self.references]
 
 def _deep_update(base: dict, over: dict) -> dict:
     out = dict(base)

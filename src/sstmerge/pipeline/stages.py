@@ -21,16 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from .._logging import quiet
 from ..io.atomic import atomic_write_text, ensure_within
 from .config import Experiment, ExperimentConfig, expand_grid, short_hash
+from .progress import EVAL_SECONDS_PER_ITEM, MERGE_SECONDS, TRAIN_SECONDS_PER_TOKEN, RunProgress
 from .results import headline, merge_facts, summary_scores, table_columns, task_gains, write_results
 
 log = logging.getLogger(__name__)
 
-def _train_adapters(cfg: ExperimentConfig, out: Path, timings: dict, tag: str = "") -> dict[str, Path]:
+def _train_adapters(cfg: ExperimentConfig, out: Path, timings: dict, tag: str = "",
+                    progress: RunProgress | None = None) -> dict[str, Path]:
     from ..io.models import load_causal_lm
     from ..train.sft import train_from_files
 
@@ -40,16 +40,18 @@ def _train_adapters(cfg: ExperimentConfig, out: Path, timings: dict, tag: str = 
         folder = ensure_within(out / "adapters" / f"{name}-{short_hash([cfg.base, recipe.model_dump(mode='json')])}",
                                out, f"adapter {name!r}")
         folders[name] = folder
-        if reusable_stage(folder, "train_report.json"):
-            log.info("adapter %s: reusing %s", name, folder)
-            continue
-        if model is None:
-            model = load_causal_lm(cfg.base, cfg.cache_dir)
-        log.info("adapter %s: training on %s (%d steps)", name, recipe.data, recipe.train.steps)
-        t0 = time.perf_counter()
-        train_from_files(cfg.base, recipe.data, folder, recipe.train, max_samples=recipe.max_samples,
-                         cache_dir=cfg.cache_dir, model_and_tokenizer=model, overwrite=folder.exists())
-        timings[f"train:{name}{tag}"] = time.perf_counter() - t0
+        with (progress or RunProgress()).task("train", f"{name}{tag}") as task:
+            if reusable_stage(folder, "train_report.json"):
+                log.info("adapter %s: reusing %s", name, folder)
+                task.reused = True
+                continue
+            if model is None:
+                model = load_causal_lm(cfg.base, cfg.cache_dir)
+            log.info("adapter %s: training on %s (%d steps)", name, recipe.data, recipe.train.steps)
+            t0 = time.perf_counter()
+            train_from_files(cfg.base, recipe.data, folder, recipe.train, max_samples=recipe.max_samples,
+                             cache_dir=cfg.cache_dir, model_and_tokenizer=model, overwrite=folder.exists())
+            timings[f"train:{name}{tag}"] = time.perf_counter() - t0
     return folders
 
 def _benign_data_file(cfg: ExperimentConfig, variant: str, out: Path) -> str:
@@ -86,7 +88,7 @@ def reusable_stage(folder: Path, report_name: str) -> bool:
         return False
 
 def _merge_all(cfg: ExperimentConfig, experiments: list[Experiment], adapters: dict[str, Path], out: Path,
-               timings: dict, tag: str = "") -> dict[str, Path]:
+               timings: dict, tag: str = "", progress: RunProgress | None = None) -> dict[str, Path]:
     """Each merge into ``merges/<name>-<hash>``; the hash covers the inputs, the *resolved* options (defaults
     filled in) and the sstmerge version, so a changed default or release never reuses a stale merge."""
     from .. import __version__
@@ -107,21 +109,64 @@ def _merge_all(cfg: ExperimentConfig, experiments: list[Experiment], adapters: d
         folder = ensure_within(out / "merges" / f"{exp.name.replace('/', '__')}-{short_hash(inputs)}", out,
                                f"merge {exp.name!r}")
         folders[exp.name] = folder
-        if reusable_stage(folder, "merge_report.json"):
-            continue
-        log.info("[%d/%d] merging %s%s", i, len(experiments), exp.name, tag)
-        t0 = time.perf_counter()
-        SSTMerger(cfg.base, options=resolved, cache_dir=cfg.cache_dir).merge_to(
-            utility, str(adapters[cfg.safety]), folder, overwrite=folder.exists())
-        timings[f"merge:{exp.name}{tag}"] = time.perf_counter() - t0
+        with (progress or RunProgress()).task("merge", f"{exp.name}{tag}") as task:
+            if reusable_stage(folder, "merge_report.json"):
+                task.reused = True
+                continue
+            log.info("[%d/%d] merging %s%s", i, len(experiments), exp.name, tag)
+            t0 = time.perf_counter()
+            SSTMerger(cfg.base, options=resolved, cache_dir=cfg.cache_dir).merge_to(
+                utility, str(adapters[cfg.safety]), folder, overwrite=folder.exists())
+            timings[f"merge:{exp.name}{tag}"] = time.perf_counter() - t0
     return folders
+
+def _plan_run(cfg: ExperimentConfig, runs: dict[int, ExperimentConfig], experiments: dict[int, list[Experiment]],
+              tag) -> RunProgress:
+    """Every task of the run with its prior (:mod:`.progress`): the whole run's bar and ETA."""
+    from ..merge.method import method_class
+
+    progress = RunProgress()
+    for s, run in runs.items():
+        for name, recipe in run.adapters.items():
+            t = recipe.train
+            progress.plan("train", f"{name}{tag(s)}", t.steps * t.batch_size * t.max_length * TRAIN_SECONDS_PER_TOKEN)
+        for exp in experiments[s]:
+            kind = "fisher" if method_class(exp.options["mode"]).needs_fisher else "plain"
+            progress.plan("merge", f"{exp.name}{tag(s)}", MERGE_SECONDS[kind])
+    per_model = _queries_per_model(cfg) * EVAL_SECONDS_PER_ITEM
+    with_base, alone = cfg.reference_models()
+    if with_base:
+        progress.plan("eval", "base", per_model)
+    for s in runs:
+        names = [f"{n} alone" for n in alone] + [e.name for e in experiments[s]]
+        for name in names:
+            progress.plan("eval", f"{name}{tag(s)}", per_model)
+    return progress
+
+
+def _queries_per_model(cfg: ExperimentConfig) -> int:
+    """Items one model's evaluation asks (every suite's data within its limit; jailbreak: plain + templated)."""
+    from ..eval.suites import SUITES, EvalSettings
+
+    ev, n = cfg.eval, 0
+    for suite in ev.suites:
+        settings = EvalSettings(limit=ev.limit.get(suite), judges=tuple(ev.judges))
+        items, _ = SUITES.get(suite).load_data(None, None, settings)
+        first = items[0][: ev.limit.get(suite)]
+        per = 1
+        if suite == "jailbreak":
+            per += len(items[1]) if ev.templates_per_prompt is None else min(ev.templates_per_prompt, len(items[1]))
+        n += len(first) * per
+    return n
+
 
 def _evaluate_model(cfg: ExperimentConfig, adapter: Path | None) -> dict[str, Any]:
     from ..eval.runner import evaluate
     from ..eval.suites import REFUSAL_SUITES, EvalSettings
 
     ev = cfg.eval
-    settings = {suite: EvalSettings(max_new_tokens=ev.max_new_tokens.get(suite, 64), batch_size=ev.batch_size,
+    settings = {suite: EvalSettings(max_new_tokens=ev.max_new_tokens.get(suite, 64),
+                                    batch_size=None if ev.batch_size == "auto" else ev.batch_size, engine=ev.engine,
                                     limit=ev.limit.get(suite), judges=tuple(ev.judges),
                                     templates_per_prompt=ev.templates_per_prompt if suite == "jailbreak" else None,
                                     stop_when_decided=ev.stop_when_decided and suite in REFUSAL_SUITES,
@@ -197,34 +242,35 @@ def _run_experiments(cfg: ExperimentConfig, out: Path, config_source: str) -> di
     log.info("torch threads: %d", threads)
     log.info("experiment grid: %d adapters, %d merges, %d variants, seeds %s", len(cfg.adapters),
              len(experiments[seeds[0]]), len(cfg.variants), seeds)
-    adapters = {s: _train_adapters(runs[s], out, timings, tag(s)) for s in seeds}
-    merges = {s: _merge_all(runs[s], experiments[s], adapters[s], out, timings, tag(s)) for s in seeds}
+    progress = _plan_run(cfg, runs, experiments, tag)
+    adapters = {s: _train_adapters(runs[s], out, timings, tag(s), progress) for s in seeds}
+    merges = {s: _merge_all(runs[s], experiments[s], adapters[s], out, timings, tag(s), progress) for s in seeds}
 
     models: list[dict[str, Any]] = []  # one entry per model; "adapter": seed -> folder (None: the base model)
-    if cfg.references:
+    with_base, alone = cfg.reference_models()
+    if with_base:
         models.append({"name": "base", "family": "reference", "variant": None, "adapter": dict.fromkeys(seeds)})
-        for name in cfg.adapters:
-            models.append({"name": f"{name} alone", "family": "reference", "variant": None,
-                           "adapter": {s: adapters[s][name] for s in seeds}})
+    for name in alone:
+        models.append({"name": f"{name} alone", "family": "reference", "variant": None,
+                       "adapter": {s: adapters[s][name] for s in seeds}})
     for k, exp in enumerate(experiments[seeds[0]]):
         models.append({"name": exp.name, "family": exp.family, "variant": exp.variant, "options": exp.options,
                        "adapter": {s: merges[s][experiments[s][k].name] for s in seeds}})
     judge = cfg.eval.judges[0]
     columns = table_columns()
     rows, outcomes = [], {}
-    bar = tqdm(total=sum(len(set(map(str, m["adapter"].values()))) for m in models), desc="evaluating models",
-               unit="model", disable=quiet())  # ETA of the whole stage
     for i, m in enumerate(models, 1):
         per_seed_values, per_seed_outcomes, per_seed, evaluated = [], [], {}, {}
         for s in seeds:
             adapter = m["adapter"][s]
             if str(adapter) not in evaluated:  # the base model is the same for every seed: evaluated once
-                log.info("[%d/%d] evaluating %s%s", i, len(models), m["name"], tag(s))
-                bar.set_postfix_str(m["name"] + tag(s), refresh=True)
-                t0 = time.perf_counter()
-                evaluated[str(adapter)] = _evaluate_model(runs[s], adapter)
-                timings[f"eval:{m['name']}{tag(s) if adapter else ''}"] = time.perf_counter() - t0
-                bar.update(1)
+                name = f"{m['name']}{tag(s) if adapter else ''}"
+                log.info("[%d/%d] evaluating %s", i, len(models), name)
+                with progress.task("eval", name) as task:
+                    t0 = time.perf_counter()
+                    evaluated[str(adapter)] = _evaluate_model(runs[s], adapter)
+                    timings[f"eval:{name}"] = time.perf_counter() - t0
+                    task.reused = all(r.get("cache_hit") for r in evaluated[str(adapter)].values())
             suites = evaluated[str(adapter)]
             values = headline(suites, judge=judge)
             values["safety"], values["utility"] = summary_scores(values)
@@ -241,7 +287,7 @@ def _run_experiments(cfg: ExperimentConfig, out: Path, config_source: str) -> di
                      "merge_facts": first["merge_facts"], "eval_fingerprints": first["eval_fingerprints"],
                      "eval_cache_hit": all(p["eval_cache_hit"] for p in per_seed.values()),
                      "per_seed": {str(s): p for s, p in per_seed.items()} if len(seeds) > 1 else None})
-    bar.close()
+    progress.close()
     comparisons = compare_rows(rows, outcomes, columns)
     result = {
         "created": now_iso(),

@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .._logging import quiet
-from ..data.chat import collate, encode_example, pad_id
+from ..data.chat import IGNORE_INDEX, collate, encode_example, pad_id
 from ..data.examples import Example
 from ..errors import DataError, ModelError
 from ..io.atomic import atomic_output_dir
@@ -182,6 +182,21 @@ def train_lora(
     return dest
 
 
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens (labels != -100), token t+1 predicted at position t: the value
+    of ``model(**batch).loss``, with the LM head (49,152 × 576 on SmolLM2, a fifth of its weights) applied only
+    at the positions where some row predicts an answer token instead of at every prompt token.
+
+    ``batch``: ``input_ids``, ``attention_mask``, ``labels``, each (rows, width).
+    """
+    target = batch["labels"][:, 1:]  # (rows, width - 1): what position t predicts
+    keep = (target != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (positions,) with an answer token in any row
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                logits_to_keep=keep)
+    logits = out.logits.float()  # (rows, positions, vocab)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target[:, keep].flatten(), ignore_index=IGNORE_INDEX)
+
+
 def _train_loop(peft_model, encoded: list[dict], pad: int, options: TrainOptions, tqdm) -> tuple[list[float], float]:
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
@@ -203,8 +218,7 @@ def _train_loop(peft_model, encoded: list[dict], pad: int, options: TrainOptions
         for step in range(options.steps):
             batch = collate(next(it), pad, padding_side="right")
             optimizer.zero_grad(set_to_none=True)
-            out = peft_model(**batch, use_cache=False)
-            loss = out.loss
+            loss = answer_loss(peft_model, batch)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise ModelError(
