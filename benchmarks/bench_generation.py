@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--n-prompts", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-sizes", default="1,8,16,32", help="comma-separated; 1 (one by one) is always run first")
+    ap.add_argument("--engine", choices=["cached", "transformers"], default="cached",
+                    help="generation engine (the table in docs/performance.md: transformers, before cached existed)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds over all batch sizes; the fastest round of each counts")
     ap.add_argument("--cache-dir", default=None, help="sstmerge cache (default: $SSTMERGE_CACHE or ~/.cache/sstmerge)")
@@ -101,14 +103,14 @@ def main() -> None:
     print(f"prompts: {len(prompts)} (bundled harmful_eval + benign_eval, alternating), "
           f"max_new_tokens {args.max_new_tokens}, greedy\n")
 
-    generate_ids(model, tok, prompts[:2], max_new_tokens=4, batch_size=2)  # warm-up: first-call allocations
+    generate_ids(model, tok, prompts[:2], max_new_tokens=4, batch_size=2, engine=args.engine)  # warm-up: first-call allocations
 
     runs: dict[int, dict] = {}
     for rnd in range(args.repeat):  # round-robin: a burst of load from other jobs hits a round, not a batch size
         for bs in sizes:
             gc.collect()
             t0 = time.perf_counter()
-            ids = generate_ids(model, tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=bs)
+            ids = generate_ids(model, tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=bs, engine=args.engine)
             texts = [tok.decode(x, skip_special_tokens=True).strip() for x in ids]  # what generate() returns
             wall = time.perf_counter() - t0
             n_tok = sum(len(x) for x in ids)
