@@ -24,11 +24,12 @@ from .._logging import quiet
 
 log = logging.getLogger(__name__)
 
-#: seconds per training token slot (steps · batch_size · max_length): A7, 160 steps of 8 × 256, took 14 min here
+#: seconds per training token slot (steps · batch_size · max_length): here 2.3e-3 (A7), 2.9e-3 (A5), 3.1e-3 (A6)
 TRAIN_SECONDS_PER_TOKEN = 2.6e-3
-#: seconds per merge: a Fisher pass is shared by the merges of a variant; 7 passes + 41 merges took 11.5 min
-MERGE_SECONDS = {"fisher": 20.0, "plain": 4.0}
-#: seconds per generated or scored evaluation item (bench_eval, cached engine, default suites)
+#: seconds per merge (quick run here: residual with its Fisher pass 40 s, TIES over dense updates 41 s, direct
+#: and complement 2 s); a variant's Fisher statistics are shared by its merges, so the first one pays for them
+MERGE_SECONDS = {"fisher": 30.0, "dense": 40.0, "plain": 2.0}
+#: seconds per evaluation item (bench_eval, cached engine: 0.19 on the whole default sets, 0.25 at the quick limits)
 EVAL_SECONDS_PER_ITEM = 0.2
 
 

@@ -131,7 +131,8 @@ def _plan_run(cfg: ExperimentConfig, runs: dict[int, ExperimentConfig], experime
             t = recipe.train
             progress.plan("train", f"{name}{tag(s)}", t.steps * t.batch_size * t.max_length * TRAIN_SECONDS_PER_TOKEN)
         for exp in experiments[s]:
-            kind = "fisher" if method_class(exp.options["mode"]).needs_fisher else "plain"
+            method = method_class(exp.options["mode"])
+            kind = "fisher" if method.needs_fisher else "dense" if method.dense else "plain"
             progress.plan("merge", f"{exp.name}{tag(s)}", MERGE_SECONDS[kind])
     per_model = _queries_per_model(cfg) * EVAL_SECONDS_PER_ITEM
     with_base, alone = cfg.reference_models()
