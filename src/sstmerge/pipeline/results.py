@@ -17,12 +17,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-def table_columns():
-    """The results table's columns: every registered eval suite's headline columns, in registration order
-    (:class:`~sstmerge.eval.suites.Column`: name, description, direction, role in the summary scores)."""
+def table_columns(suites: list[str] | None = None):
+    """The results table's columns: the headline columns of every registered eval suite (or of ``suites``
+    only, the ones a run evaluates), in registration order (:class:`~sstmerge.eval.suites.Column`: name,
+    description, direction, role in the summary scores)."""
     from ..eval.suites import SUITES
 
-    return [c for name in SUITES.in_order() for c in SUITES.get(name).columns]
+    return [c for name in SUITES.in_order() if suites is None or name in suites for c in SUITES.get(name).columns]
 
 def headline(suites: dict[str, Any], judge: str = "keyword") -> dict[str, float | None]:
     """The table's numbers of one model: each suite's columns read from its result (None where not run)."""

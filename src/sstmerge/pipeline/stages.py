@@ -258,7 +258,7 @@ def _run_experiments(cfg: ExperimentConfig, out: Path, config_source: str) -> di
         models.append({"name": exp.name, "family": exp.family, "variant": exp.variant, "options": exp.options,
                        "adapter": {s: merges[s][experiments[s][k].name] for s in seeds}})
     judge = cfg.eval.judges[0]
-    columns = table_columns()
+    columns = table_columns(cfg.eval.suites)  # a suite the run leaves out has no column
     rows, outcomes = [], {}
     for i, m in enumerate(models, 1):
         per_seed_values, per_seed_outcomes, per_seed, evaluated = [], [], {}, {}
