@@ -49,6 +49,25 @@ def test_batched_per_sample_gradients_equal_looped(point):
     assert all(layer.A.weight.grad is None and layer.B.weight.grad is None for layer in layers.values())
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_weighted_backward_equals_the_stores_combination(point, batch_size):
+    """Gᵀβ from one β-weighted backward per batch (no per-sample gradient formed) equals Σ_i β_i g_i from the
+    per-sample gradients, whatever the batching and padding; zero weights skip their examples (issue #16)."""
+    from sstmerge.fisher.gradients import weighted_gradient_sum
+
+    model, layers, encoded, _ = point
+    G = batched_per_sample_gradients(model, layers, encoded)
+    beta = torch.linspace(-1.0, 2.0, len(encoded))
+    beta[1] = 0.0
+    got = weighted_gradient_sum(model, layers, encoded, beta.tolist(), batch_size)
+    for m in layers:
+        ref = beta @ G[m]  # (D_m,)
+        torch.testing.assert_close(got[m], ref, rtol=1e-4, atol=1e-5 * float(G[m].abs().max()))
+    assert all(layer.A.weight.grad is None and layer.B.weight.grad is None for layer in layers.values())
+    with pytest.raises(ValueError, match="2 weights for"):
+        weighted_gradient_sum(model, layers, encoded, [1.0, 2.0], batch_size)
+
+
 def test_iter_batched_covers_indices_once_whatever_the_batch_size(point):
     model, layers, encoded, _ = point
     full = batched_per_sample_gradients(model, layers, encoded)

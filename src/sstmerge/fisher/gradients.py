@@ -107,6 +107,38 @@ def iter_batched_gradients(
         yield rows, batched_per_sample_gradients(model, layers, [encoded[i] for i in rows], pad_id)
 
 
+def weighted_gradient_sum(
+    model, layers: dict[str, LoraLayer], encoded: Sequence[dict], weights: Sequence[float], batch_size: int,
+    pad_id: int = 0,
+) -> dict[str, torch.Tensor]:
+    """``{module: Gᵀβ restricted to the module}``: ``Σ_i β_i g_i,m`` (D_m,) float32, the per-sample gradients'
+    combination with coefficients ``β = weights`` (one per example of ``encoded``), without forming any g_i::
+
+        Σ_i β_i ∇_φ ℓ_i = ∇_φ Σ_i β_i ℓ_i,      ℓ_i = log p(y_i | x_i) (answer tokens)
+
+    one ordinary backward per batch of the β-weighted log-likelihood, asked for the LoRA factors' weights only
+    (``torch.autograd.grad``: nothing accumulates in ``.grad``), in the layout of :func:`batched_per_sample_gradients`
+    (``[vec(∂/∂A); vec(∂/∂B)]``). Examples with β_i = 0 are skipped. This maps coefficients found in the Gram's
+    span (the eigenproblem's) back to parameter space with no gradient store (issue #16).
+    """
+    if len(weights) != len(encoded):
+        raise ValueError(f"weighted_gradient_sum: {len(weights)} weights for {len(encoded)} examples")
+    device = next(model.parameters()).device
+    modules = list(layers)
+    flat = [p for m in modules for p in (layers[m].A.weight, layers[m].B.weight)]
+    total = [torch.zeros(p.numel(), dtype=torch.float32, device=device) for p in flat]
+    used = [i for i in sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]["input_ids"]), i)) if weights[i] != 0]
+    for start in range(0, len(used), batch_size):
+        rows = used[start : start + batch_size]
+        batch = collate([encoded[i] for i in rows], pad_id, padding_side="right")
+        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        loglik = answer_log_likelihood(model(input_ids=ids, attention_mask=mask).logits, labels)  # (rows,)
+        beta = torch.tensor([float(weights[i]) for i in rows], dtype=loglik.dtype, device=device)
+        for acc, grad in zip(total, torch.autograd.grad((beta * loglik).sum(), flat)):
+            acc += grad.reshape(-1).float()
+    return {m: torch.cat([total[2 * j], total[2 * j + 1]]) for j, m in enumerate(modules)}
+
+
 def looped_per_sample_gradients(
     model, layers: dict[str, LoraLayer], encoded: Sequence[dict]
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
