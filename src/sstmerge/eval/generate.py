@@ -15,6 +15,8 @@ finished rows padded until the batch ends): the reference the cached engine is t
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 
@@ -122,10 +124,13 @@ def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
 
 def _cache_keyword(model) -> str:
     """The forward keyword of the KV cache: ``cache`` (recent transformers) or ``past_key_values`` (older ones)."""
-    import inspect
-
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
-    return "cache" if "cache" in inspect.signature(type(inner).forward).parameters else "past_key_values"
+    return _cache_keyword_of(type(inner))
+
+
+@functools.cache
+def _cache_keyword_of(model_class: type) -> str:  # once per class, not at every decoding step
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _forward(model, ids: torch.Tensor, cache, **kwargs) -> torch.Tensor:
@@ -170,25 +175,21 @@ def _prefill_piece(model, rows: Sequence[Sequence[int]], pad: int):
     if P:
         _forward(model, torch.tensor([list(rows[0][:P])], device=device), cache)  # (1, P) -> cache of 1 row
         cache.batch_repeat_interleave(n)
-    suffixes = [list(r[P:]) for r in rows]
-    width = max(len(s) for s in suffixes)
-    ids = torch.full((n, width), pad, dtype=torch.long)
-    suffix_mask = torch.zeros((n, width), dtype=torch.long)
-    for i, s in enumerate(suffixes):
-        ids[i, width - len(s):] = torch.tensor(s)
-        suffix_mask[i, width - len(s):] = 1
+    batch = collate([{"input_ids": r[P:]} for r in rows], pad, padding_side="left")  # every row keeps >= 1 token
+    ids, suffix_mask = batch["input_ids"], batch["attention_mask"]  # (rows, width), left-padded
     mask = torch.cat([torch.ones((n, P), dtype=torch.long), suffix_mask], dim=1).to(device)  # (rows, P + width)
     positions = (P + suffix_mask.cumsum(-1) - 1).clamp_min(0).to(device)  # (rows, width): RoPE positions, pads skipped
     logits = _forward(model, ids.to(device), cache, attention_mask=mask, position_ids=positions)
     return logits, cache, mask, positions[:, -1]
 
 
-def prefill(model, rows: Sequence[Sequence[int]], pad: int, *, chunk_tokens: int = PREFILL_CHUNK_TOKENS):
+def prefill(model, rows: Sequence[Sequence[int]], pad: int, *, chunk_tokens: int | None = None):
     """Run a batch of prompts (token ids); returns ``(logits, cache, mask, last)``: each row's next-token
     logits (rows, vocab), the KV cache and attention mask (rows, positions) to decode from, and the RoPE
     position of each row's last token (rows,).
 
-    Rows are run in pieces of about ``chunk_tokens`` tokens, grouped by shared prefix (:func:`_chunks`). In a
+    Rows are run in pieces of about ``chunk_tokens`` tokens (default: :data:`PREFILL_CHUNK_TOKENS`, read at the
+    call), grouped by shared prefix (:func:`_chunks`). In a
     piece, the common prefix P (the chat template's system turn, a jailbreak template's opening) is run once
     and its keys and values copied to every row, the rest of each prompt left-padded after it: a row reads
     ``[prefix | pads | its suffix]`` with the pads masked out and positions counted without them, the same
@@ -197,7 +198,7 @@ def prefill(model, rows: Sequence[Sequence[int]], pad: int, *, chunk_tokens: int
     """
     from transformers import DynamicCache
 
-    pieces = _chunks(rows, chunk_tokens)
+    pieces = _chunks(rows, PREFILL_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens)
     if len(pieces) == 1:
         return _prefill_piece(model, rows, pad)
     parts = [_prefill_piece(model, [rows[i] for i in piece], pad) for piece in pieces]
@@ -230,7 +231,7 @@ def _decode_batch(model, tokenizer, rows: list[list[int]], *, max_new_tokens: in
     what is still being generated.
     """
     device = next(model.parameters()).device
-    logits, cache, mask, last = prefill(model, rows, pad, chunk_tokens=PREFILL_CHUNK_TOKENS)  # last: (rows,) positions
+    logits, cache, mask, last = prefill(model, rows, pad)  # last: (rows,) RoPE position of each row's last token
     alive = list(range(len(rows)))  # batch row -> prompt row
     new: list[list[int]] = [[] for _ in rows]
     for step in range(max_new_tokens):

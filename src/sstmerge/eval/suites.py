@@ -22,7 +22,6 @@ from .._logging import quiet
 from ..data.chat import pad_id
 from ..data.tasks import ARITHMETIC_INSTRUCTION, QA_INSTRUCTION, extract_final_number
 from ..registry import Registry
-from . import generate as generate_module
 from .generate import ENGINES, StopRule, default_batch_size, generate, prefill, render_prompt
 
 log = logging.getLogger(__name__)
@@ -243,7 +242,7 @@ def letter_logprobs(model, tokenizer, items: Sequence, shots: Sequence, batch_si
     order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
     for start in tqdm(range(0, len(order), batch_size), desc="mcq", unit="batch", disable=quiet(), leave=False):
         idx = order[start : start + batch_size]
-        logits, *_ = prefill(model, [encoded[i] for i in idx], pad, chunk_tokens=generate_module.PREFILL_CHUNK_TOKENS)
+        logits, *_ = prefill(model, [encoded[i] for i in idx], pad)  # (rows, vocab): shared prefixes once
         logp = torch.log_softmax(logits.float().cpu(), dim=-1)
         for row, i in enumerate(idx):
             out[i] = [float(logp[row, t]) for t in letter_ids[i]]

@@ -101,10 +101,15 @@ def iter_batched_gradients(
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """Yield ``(rows, {module: G_m})`` for ``indices`` in batches of ``batch_size`` similar-length examples
     (sorted by length, longest first, so padding is small and the first batch shows the peak memory)."""
+    for rows in _length_batches(encoded, indices, batch_size):
+        yield rows, batched_per_sample_gradients(model, layers, [encoded[i] for i in rows], pad_id)
+
+
+def _length_batches(encoded: Sequence[dict], indices: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """``indices`` in batches of ``batch_size``, longest example first (ties by index)."""
     order = sorted(indices, key=lambda i: (-len(encoded[i]["input_ids"]), i))
     for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        yield rows, batched_per_sample_gradients(model, layers, [encoded[i] for i in rows], pad_id)
+        yield order[start : start + batch_size]
 
 
 def weighted_gradient_sum(
@@ -127,9 +132,7 @@ def weighted_gradient_sum(
     modules = list(layers)
     flat = [p for m in modules for p in (layers[m].A.weight, layers[m].B.weight)]
     total = [torch.zeros(p.numel(), dtype=torch.float32, device=device) for p in flat]
-    used = [i for i in sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]["input_ids"]), i)) if weights[i] != 0]
-    for start in range(0, len(used), batch_size):
-        rows = used[start : start + batch_size]
+    for rows in _length_batches(encoded, [i for i in range(len(encoded)) if weights[i] != 0], batch_size):
         batch = collate([encoded[i] for i in rows], pad_id, padding_side="right")
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
         loglik = answer_log_likelihood(model(input_ids=ids, attention_mask=mask).logits, labels)  # (rows,)

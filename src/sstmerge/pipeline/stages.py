@@ -29,8 +29,8 @@ from .results import headline, merge_facts, summary_scores, table_columns, task_
 
 log = logging.getLogger(__name__)
 
-def _train_adapters(cfg: ExperimentConfig, out: Path, timings: dict, tag: str = "",
-                    progress: RunProgress | None = None) -> dict[str, Path]:
+def _train_adapters(cfg: ExperimentConfig, out: Path, timings: dict, tag: str,
+                    progress: RunProgress) -> dict[str, Path]:
     from ..io.models import load_causal_lm
     from ..train.sft import train_from_files
 
@@ -40,7 +40,7 @@ def _train_adapters(cfg: ExperimentConfig, out: Path, timings: dict, tag: str = 
         folder = ensure_within(out / "adapters" / f"{name}-{short_hash([cfg.base, recipe.model_dump(mode='json')])}",
                                out, f"adapter {name!r}")
         folders[name] = folder
-        with (progress or RunProgress()).task("train", f"{name}{tag}") as task:
+        with progress.task("train", f"{name}{tag}") as task:
             if reusable_stage(folder, "train_report.json"):
                 log.info("adapter %s: reusing %s", name, folder)
                 task.reused = True
@@ -88,7 +88,7 @@ def reusable_stage(folder: Path, report_name: str) -> bool:
         return False
 
 def _merge_all(cfg: ExperimentConfig, experiments: list[Experiment], adapters: dict[str, Path], out: Path,
-               timings: dict, tag: str = "", progress: RunProgress | None = None) -> dict[str, Path]:
+               timings: dict, tag: str, progress: RunProgress) -> dict[str, Path]:
     """Each merge into ``merges/<name>-<hash>``; the hash covers the inputs, the *resolved* options (defaults
     filled in) and the sstmerge version, so a changed default or release never reuses a stale merge."""
     from .. import __version__
@@ -109,7 +109,7 @@ def _merge_all(cfg: ExperimentConfig, experiments: list[Experiment], adapters: d
         folder = ensure_within(out / "merges" / f"{exp.name.replace('/', '__')}-{short_hash(inputs)}", out,
                                f"merge {exp.name!r}")
         folders[exp.name] = folder
-        with (progress or RunProgress()).task("merge", f"{exp.name}{tag}") as task:
+        with progress.task("merge", f"{exp.name}{tag}") as task:
             if reusable_stage(folder, "merge_report.json"):
                 task.reused = True
                 continue
