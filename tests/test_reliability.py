@@ -480,6 +480,37 @@ def test_damaged_fisher_cache_is_detected_repaired_and_gives_the_clean_result(pr
     assert leftovers(entry) == [] and leftovers(entry / "stats") == []
 
 
+@pytest.mark.parametrize("damage", ["sketch_rows", "weighted_result", "weighted_part"])
+def test_damaged_sketch_store_or_weighted_pass_is_repaired_and_gives_the_clean_result(proj, tmp_path, damage, caplog):
+    """The sketch store (issue #16): damaged sketch rows are found by their CRCs and recomputed; a damaged
+    weighted-pass result is rebuilt from its parts, a damaged part's rows are summed again."""
+    options = {"fisher_store": "sketch", "sketch_dim": 64}
+    clean = _fisher_merge(proj, tmp_path / "c", tmp_path / "clean", **options)
+    entry = _entry(tmp_path / "c")
+    (weighted,) = list((entry / "weighted").iterdir())
+    if damage == "sketch_rows":
+        store = json.loads((entry / "sketch" / "store.json").read_text())
+        with open(entry / "sketch" / "grads.bf16", "r+b") as fh:  # bytes into row 1
+            fh.seek(1 * store["dim"] * 2 + 8)
+            fh.write(bytes([0x7F, 0xC0] * 4))
+    elif damage == "weighted_result":
+        _flip(weighted / "result.safetensors")
+    else:
+        (weighted / "result.safetensors").unlink()
+        (part,) = list(weighted.glob("part-*.safetensors"))
+        part.write_bytes(part.read_bytes()[:-7])
+    caplog.set_level("WARNING")
+    again = _fisher_merge(proj, tmp_path / "c", tmp_path / "again", **options)
+    assert "damaged" in caplog.text
+    a = load_file(tmp_path / "clean" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    assert clean.report["method"]["fisher"]["store"]["kind"] == "sketch"
+    third = _fisher_merge(proj, tmp_path / "c", tmp_path / "third", **options)
+    assert third.report["method"]["fisher"]["cache_hit"] is True
+
+
 def test_fisher_cache_damaged_beyond_repair_names_the_folder_to_delete(proj, tmp_path, monkeypatch):
     import sstmerge.fisher.run as fisher_run
 

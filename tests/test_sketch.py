@@ -16,8 +16,13 @@ from sstmerge.linalg.sketch import (
     gram,
     gram_error_estimate,
     relative_error,
+    gram_error_from_halves,
+    module_sketch_width,
     sketch_blocks,
+    sketch_halves,
     sketch_hash,
+    sketch_module,
+    sketch_module_chunks,
 )
 from sstmerge.linalg.task_vectors import module_seed
 
@@ -97,3 +102,37 @@ def test_bad_shapes_are_named():
         sketch_hash(10, 0, 0)
     with pytest.raises(ValueError, match="no blocks"):
         sketch_blocks({}, 4, 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 300), st.integers(2, 128), st.integers(0, 2**31), st.data())
+def test_module_sketch_chunks_add_up_and_small_modules_are_exact(d, m, seed, data):
+    """A module sketched in column chunks (any split, any order) equals the whole-block sketch; a module with
+    d ≤ m is kept exactly (inner products unchanged); the width is d or m rounded down to even."""
+    G = low_rank_gradients(4, d, 2, seed % 1000)
+    whole = sketch_module(G, "layer.q_proj", m, seed)
+    assert whole.shape == (4, module_sketch_width(d, m)) and whole.shape[1] == (d if d <= m else m - m % 2)
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, max(d - 1, 1)), max_size=4)))) if d > 1 else []
+    bounds = [0, *[c for c in cuts if 0 < c < d], d]
+    chunks = [(lo, hi, G[:, lo:hi]) for lo, hi in zip(bounds, bounds[1:])][::-1]
+    torch.testing.assert_close(sketch_module_chunks(chunks, "layer.q_proj", d, m, seed), whole, rtol=1e-5, atol=1e-5)
+    if d <= m:
+        torch.testing.assert_close(gram(whole), (G.double() @ G.double().T), rtol=1e-5, atol=1e-5)
+        assert sketch_halves(whole, d, m) is None
+
+
+def test_module_sketch_halves_are_independent_unbiased_estimates():
+    """The two halves of a sketched module each estimate G Gᵀ; their mean is the stored sketch's Gram, and the
+    error estimate from them tracks the true error of that mean (within 2× over seeds)."""
+    G = low_rank_gradients(20, 4000, 6, 0)
+    exact = G.double() @ G.double().T
+    true, est = [], []
+    for seed in range(12):
+        SG = sketch_module(G, "m", 256, seed)
+        K1, K2 = (h.double() @ h.double().T for h in sketch_halves(SG, 4000, 256))
+        torch.testing.assert_close(gram(SG), (K1 + K2) / 2, rtol=1e-6, atol=1e-6 * float(exact.abs().max()))
+        true.append(relative_error(gram(SG), exact))
+        est.append(gram_error_from_halves(K1, K2))
+    assert 0.5 < statistics.mean(est) / statistics.mean(true) < 2.0, (true, est)
+    with pytest.raises(ValueError, match="m >= 2"):
+        module_sketch_width(10, 1)

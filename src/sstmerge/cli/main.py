@@ -453,7 +453,8 @@ def methods(name: str | None) -> None:
     if not name:
         click.echo("\ncommon options (every method): --safety-weight, --utility-coefficients, --utility-weights, "
                    "--layer-weights, --recompress-rank, --dtype, --seed; the Fisher methods also take --harmful-data, "
-                   "--benign-data, --max-samples, --max-length, --fisher-batch-size, --fisher-device, --fisher-dtype")
+                   "--benign-data, --max-samples, --max-length, --fisher-batch-size, --fisher-device, --fisher-dtype, "
+                   "--fisher-store, --sketch-dim, --sketch-seed, --fisher-store-dtype")
 
 
 @cli.command("prepare-base")

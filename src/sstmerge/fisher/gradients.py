@@ -17,7 +17,7 @@ tests and benchmarks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -140,6 +140,44 @@ def weighted_gradient_sum(
         for acc, grad in zip(total, torch.autograd.grad((beta * loglik).sum(), flat)):
             acc += grad.reshape(-1).float()
     return {m: torch.cat([total[2 * j], total[2 * j + 1]]) for j, m in enumerate(modules)}
+
+
+def iter_weighted_gradient_sums(
+    model, layers: dict[str, LoraLayer], encoded: Sequence[dict], betas: Mapping[str, torch.Tensor],
+    indices: Sequence[int], batch_size: int, pad_id: int = 0,
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Yield ``(rows, {module: Σ_{i ∈ rows} β_m,i g_i,m})`` (D_m,) float32 over ``indices`` in batches: the
+    per-sample gradients' combination ``G_mᵀ β_m`` with a coefficient vector per module (``betas[m]`` (N,);
+    the per-module scope has one per module), without forming any g_i.
+
+    One forward and one backward of ``Σ_b ℓ_b`` per batch gives every example's ``ḡ_t = ∂ℓ_b/∂o_t`` (as in
+    :func:`batched_per_sample_gradients`); scaling it by ``β_m,b`` before the contraction over tokens and
+    examples gives the sum directly::
+
+        Σ_b β_b ∂ℓ_b/∂B = Σ_{b,t} (β_b ḡ_t) h_tᵀ          einsum("bto,btr->or")
+        Σ_b β_b ∂ℓ_b/∂A = Σ_{b,t} Bᵀ(β_b ḡ_t) x_tᵀ        einsum("btr,bti->ri")
+
+    Batches are disjoint and their sums add up, so the caller can checkpoint between them (resumable).
+    """
+    device = next(model.parameters()).device
+    modules = list(layers)
+    for rows in _length_batches(encoded, indices, batch_size):
+        batch = collate([encoded[i] for i in rows], pad_id, padding_side="right")
+        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        with _capture(layers) as seen:
+            logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+        loglik = answer_log_likelihood(logits, labels)  # (B,)
+        grads_o = torch.autograd.grad(loglik.sum(), [seen[m]["o"] for m in modules])
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for m, g_o in zip(modules, grads_o):
+                beta = betas[m][rows].to(device=device, dtype=torch.float32)  # (B,)
+                g_o = g_o.float() * beta[:, None, None]  # (B, T, d_out) β_b ḡ_t
+                g_B = torch.einsum("bto,btr->or", g_o, seen[m]["h"].float())  # (d_out, r)
+                g_h = g_o @ layers[m].B.weight.float()  # (B, T, r)
+                g_A = torch.einsum("btr,bti->ri", g_h, seen[m]["x"].float())  # (r, d_in)
+                out[m] = torch.cat([g_A.reshape(-1), g_B.reshape(-1)])
+        yield rows, out
 
 
 def looped_per_sample_gradients(

@@ -129,27 +129,39 @@ def _spans(layout: Sequence[tuple[str, int, int]], n: int) -> tuple[dict, dict]:
 
 
 class StatsWriter:
-    """Fills a statistics folder module by module (any process may write any module, each module once)."""
+    """Fills a statistics folder module by module (any process may write any module, each module once).
+    ``with_gram=False``: no ``gram.npy`` (the sketch store computes the per-module Grams when read)."""
 
-    def __init__(self, folder: Path, n_rows: int, layout: Sequence[tuple[str, int, int]], *, create: bool) -> None:
+    def __init__(self, folder: Path, n_rows: int, layout: Sequence[tuple[str, int, int]], *, create: bool,
+                 with_gram: bool = True) -> None:
         self.folder, self.n, self.layout = Path(folder), n_rows, [tuple(x) for x in layout]
         self.index = {m: j for j, (m, _, _) in enumerate(self.layout)}
         self.gram_spans, self.diag_spans = _spans(self.layout, n_rows)
         dim = sum(na + nb for _, na, nb in self.layout)
-        paths = {"gram": self.folder / "gram.npy", "diag_harm": self.folder / "diag_harm.npy",
-                 "diag_benign": self.folder / "diag_benign.npy"}
+        paths = {"diag_harm": self.folder / "diag_harm.npy", "diag_benign": self.folder / "diag_benign.npy"}
+        if with_gram:
+            paths["gram"] = self.folder / "gram.npy"
         if create:
             self.folder.mkdir(parents=True, exist_ok=True)
             (self.folder / SUMMARY_NAME).unlink(missing_ok=True)
-            _npy_create(paths["gram"], (len(self.layout), n_rows, n_rows))
+            (self.folder / "gram.npy").unlink(missing_ok=True)
+            if with_gram:
+                _npy_create(paths["gram"], (len(self.layout), n_rows, n_rows))
             _npy_create(paths["diag_harm"], (dim,))
             _npy_create(paths["diag_benign"], (dim,))
         self.paths = paths
         self.offsets = {k: _npy_data_offset(p) for k, p in paths.items()}
 
     def write(self, module: str, s: ModuleStats) -> None:
-        for kind, array, spans in (("gram", s.gram, self.gram_spans), ("diag_harm", s.diag_harm, self.diag_spans),
-                                   ("diag_benign", s.diag_benign, self.diag_spans)):
+        self._write(module, (("gram", s.gram, self.gram_spans), ("diag_harm", s.diag_harm, self.diag_spans),
+                             ("diag_benign", s.diag_benign, self.diag_spans)))
+
+    def write_diag(self, module: str, diag_harm: np.ndarray, diag_benign: np.ndarray) -> None:
+        """The diagonal Fisher of one module only (a folder without ``gram.npy``)."""
+        self._write(module, (("diag_harm", diag_harm, self.diag_spans), ("diag_benign", diag_benign, self.diag_spans)))
+
+    def _write(self, module: str, parts) -> None:
+        for kind, array, spans in parts:
             start, count, _ = spans[module]
             assert array.size == count, (module, kind, array.shape)
             fd = os.open(self.paths[kind], os.O_WRONLY)
@@ -163,6 +175,8 @@ class StatsWriter:
         """CRC-32 of every module's blocks as they are on disk now: ``{kind: {module: crc}}``."""
         out: dict[str, dict[str, int]] = {}
         for kind, spans in (("gram", self.gram_spans), ("diag_harm", self.diag_spans), ("diag_benign", self.diag_spans)):
+            if kind not in self.paths:
+                continue
             view = _NpyModules(self.paths[kind], spans)
             out[kind] = {m: crc32(view[m]) for m in view}
         return out
@@ -210,8 +224,9 @@ class FisherStats:
         return (Path(folder) / SUMMARY_NAME).is_file()
 
     @classmethod
-    def load(cls, folder: Path) -> FisherStats:
-        """Open a finished statistics folder (:class:`CacheCorruptError` when any part is damaged)."""
+    def load(cls, folder: Path, gram: Mapping[str, np.ndarray] | None = None) -> FisherStats:
+        """Open a finished statistics folder (:class:`CacheCorruptError` when any part is damaged). ``gram``:
+        the per-module Grams when the folder has none (a sketch store's, computed when read)."""
         folder = Path(folder)
         try:
             with safe_open(str(folder / SUMMARY_NAME), framework="pt") as fh:
@@ -229,8 +244,13 @@ class FisherStats:
         if not (np.isfinite(gram_total).all() and np.isfinite(G_phi_all).all()):
             raise CacheCorruptError(f"{folder / SUMMARY_NAME}: non-finite statistics")
         gram_spans, diag_spans = _spans(layout, n)
+        if gram is None:
+            if "gram" not in crcs:
+                raise CacheCorruptError(f"{folder}: statistics without per-module Grams (a sketch store's); open them "
+                                        "through sstmerge.fisher.run")
+            gram = _NpyModules(folder / "gram.npy", gram_spans, crcs["gram"])
         return cls(n_harm, n_benign, layout,
-                   gram=_NpyModules(folder / "gram.npy", gram_spans, crcs.get("gram")),
+                   gram=gram,
                    G_phi={m: G_phi_all[j] for j, (m, _, _) in enumerate(layout)},
                    diag_harm=_NpyModules(folder / "diag_harm.npy", diag_spans, crcs.get("diag_harm")),
                    diag_benign=_NpyModules(folder / "diag_benign.npy", diag_spans, crcs.get("diag_benign")),

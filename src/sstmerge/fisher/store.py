@@ -1,12 +1,13 @@
 """Per-sample gradients as a source of column chunks: on disk (the Fisher pass) or in memory.
 
-:class:`GradientStore` keeps the N × D float32 matrix (one row per example, rows ``0..n_harm-1`` harmful,
-modules concatenated in φ's layout) in one file of the Fisher cache folder, written and read with positioned
-I/O (``pwrite``/``pread``), never memory-mapped: resident memory stays at one batch of rows while writing
-and one column chunk (N × cols) while reading, whatever N × D is (8B-shaped: N = 2000, D = 42M is 336 GB
-on disk and < 100 MB in RAM). ``done.u8`` holds one byte per row, set after the row is synced, so an
-interrupted pass resumes with the missing rows only — whichever process, and however many processes,
-wrote them (:mod:`sstmerge.fisher.distributed`).
+:class:`GradientStore` keeps the N × D matrix (float32, or bfloat16 to halve it: ``dtype``; one row per
+example, rows ``0..n_harm-1`` harmful, modules concatenated in φ's layout) in one file of the Fisher cache
+folder, written and read with positioned I/O (``pwrite``/``pread``), never memory-mapped: resident memory
+stays at one batch of rows while writing and one column chunk (N × cols) while reading, whatever N × D is
+(8B-shaped: N = 2000, D = 42M is 336 GB on disk and < 100 MB in RAM). The sketch store of
+:mod:`sstmerge.fisher.run` is the same class over sketch columns. ``done.u8`` holds one byte per row, set
+after the row is synced, so an interrupted pass resumes with the missing rows only — whichever process, and
+however many processes, wrote them (:mod:`sstmerge.fisher.distributed`).
 
 Integrity: ``crc.u32`` holds a CRC-32 per (row, module) block, written with the row. Every read of a
 module's columns (the statistics, the projection ``Gᵀβ``) folds the chunks' bytes into a running CRC per
@@ -34,6 +35,22 @@ from ..io.atomic import atomic_write_text
 from ..io.integrity import crc32
 
 DEFAULT_CHUNK_ELEMS = 1 << 24  # 16M float32 = 64 MiB per chunk
+#: element types a store can hold on disk → (numpy type of the raw bytes, bytes per element, file name)
+STORE_DTYPES = {"float32": (np.float32, 4, "grads.f32"), "bfloat16": (np.int16, 2, "grads.bf16")}
+
+
+def _to_disk(block: torch.Tensor, dtype: str) -> np.ndarray:
+    """float32 rows → the store's raw element array (bfloat16 is rounded to nearest even, kept as int16 bits)."""
+    if dtype == "bfloat16":
+        return block.to(torch.bfloat16).view(torch.int16).numpy()
+    return block.to(torch.float32).numpy()
+
+
+def _from_disk(raw: np.ndarray, dtype: str) -> torch.Tensor:
+    """The store's raw element array → float32."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(raw).view(torch.bfloat16).float()
+    return torch.from_numpy(raw)
 
 
 def _chunk_cols(n_rows: int, width: int, max_elems: int) -> int:
@@ -69,10 +86,15 @@ class InMemoryGradients:
 
 
 class GradientStore:
-    """The on-disk N × D float32 gradient matrix of one Fisher pass (see the module docstring)."""
+    """The on-disk N × D gradient matrix of one Fisher pass (see the module docstring). ``dtype`` is what the
+    file holds (``float32``, or ``bfloat16``: half the disk, 8 significant bits); reads return float32."""
 
-    def __init__(self, folder: Path, n_rows: int, n_harm: int, layout: list[tuple[str, int, int]]) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: Path, n_rows: int, n_harm: int, layout: list[tuple[str, int, int]],
+                 dtype: str = "float32") -> None:
+        if dtype not in STORE_DTYPES:
+            raise FisherError(f"gradient store dtype {dtype!r}: choose one of {sorted(STORE_DTYPES)}")
+        self.folder, self.dtype = Path(folder), dtype
+        self._raw, self.itemsize, file_name = STORE_DTYPES[dtype]
         self.n_rows, self.n_harm = n_rows, n_harm
         self.layout = [tuple(x) for x in layout]
         self.offsets: dict[str, tuple[int, int]] = {}
@@ -81,7 +103,7 @@ class GradientStore:
             self.offsets[module] = (off, off + na + nb)
             off += na + nb
         self.dim = off
-        self.path = self.folder / "grads.f32"
+        self.path = self.folder / file_name
         self.done_path = self.folder / "done.u8"
         self.crc_path = self.folder / "crc.u32"
         self.meta_path = self.folder / "store.json"
@@ -92,7 +114,7 @@ class GradientStore:
 
     def _meta(self) -> dict:
         return {"n_rows": self.n_rows, "n_harm": self.n_harm, "layout": [list(x) for x in self.layout],
-                "dim": self.dim, "dtype": "float32", "order": "row-major (example, φ)", "checksums": "crc32 per (row, module)"}
+                "dim": self.dim, "dtype": self.dtype, "order": "row-major (example, φ)", "checksums": "crc32 per (row, module)"}
 
     def _read_meta(self) -> dict | None:
         try:
@@ -102,11 +124,11 @@ class GradientStore:
 
     @classmethod
     def open(cls, folder: Path, n_rows: int, n_harm: int, layout: list[tuple[str, int, int]], *,
-             create: bool = True) -> GradientStore:
+             create: bool = True, dtype: str = "float32") -> GradientStore:
         """Open the store in ``folder``; with ``create`` (one process only), (re)create it when missing or
         made for a different problem. The data file is sparse until rows are written."""
-        store = cls(folder, n_rows, n_harm, layout)
-        sizes = {store.path: n_rows * store.dim * 4, store.done_path: n_rows,
+        store = cls(folder, n_rows, n_harm, layout, dtype)
+        sizes = {store.path: n_rows * store.dim * store.itemsize, store.done_path: n_rows,
                  store.crc_path: n_rows * len(store.layout) * 4}
         intact = store._read_meta() == store._meta() and all(p.is_file() and p.stat().st_size == n for p, n in sizes.items())
         if create:
@@ -144,7 +166,7 @@ class GradientStore:
     # --- writing -----------------------------------------------------------------------------------------
     def write_rows(self, rows: list[int], grads: dict[str, torch.Tensor]) -> None:
         """Write ``grads[module]`` (len(rows) × D_m) as rows ``rows`` (not yet marked done)."""
-        block = np.concatenate([grads[m].detach().to("cpu", torch.float32).numpy() for m, _, _ in self.layout], axis=1)
+        block = np.concatenate([grads[m].detach().to("cpu", torch.float32).numpy() for m, _, _ in self.layout], axis=1)  # (B, D)
         if block.shape != (len(rows), self.dim):
             raise FisherError(f"gradient rows of shape {block.shape}, expected {(len(rows), self.dim)}")
         finite = np.isfinite(block).all(axis=1)
@@ -155,9 +177,10 @@ class GradientStore:
                 "point overflows on them. Check the base model and adapters (sst-merge inspect), or use "
                 "--fisher-dtype float32 if a half-precision dtype was chosen")
         bounds = np.cumsum([0] + [na + nb for _, na, nb in self.layout])
+        block = _to_disk(torch.from_numpy(block), self.dtype)
         for b, i in enumerate(rows):
             row = np.ascontiguousarray(block[b])
-            os.pwrite(self._fd, row.tobytes(), i * self.dim * 4)
+            os.pwrite(self._fd, row.tobytes(), i * self.dim * self.itemsize)
             crcs = np.array([crc32(row[bounds[j] : bounds[j + 1]]) for j in range(len(self.layout))], dtype=np.uint32)
             os.pwrite(self._crc_fd, crcs.tobytes(), i * len(self.layout) * 4)
 
@@ -192,10 +215,10 @@ class GradientStore:
         running = [0] * self.n_rows
         for lo in range(lo_m, hi_m, step):
             hi = min(lo + step, hi_m)
-            chunk = self._read_columns(lo, hi)
+            raw = self._read_columns(lo, hi)
             for i in range(self.n_rows):
-                running[i] = crc32(chunk[i].numpy(), running[i])
-            yield lo - lo_m, hi - lo_m, chunk
+                running[i] = crc32(raw[i], running[i])
+            yield lo - lo_m, hi - lo_m, _from_disk(raw, self.dtype)
         self._check_rows(module, running)
 
     def _stored_crcs(self, module: str) -> np.ndarray:
@@ -212,19 +235,20 @@ class GradientStore:
                 f"{self.path}: {len(bad)} row(s) of module {module} fail their checksum (rows {bad[:10]}"
                 f"{' ...' if len(bad) > 10 else ''}); the damaged rows are recomputed", rows=bad)
 
-    def _read_columns(self, lo: int, hi: int) -> torch.Tensor:
-        out = np.empty((self.n_rows, hi - lo), dtype=np.float32)
-        nbytes = (hi - lo) * 4
+    def _read_columns(self, lo: int, hi: int) -> np.ndarray:
+        """Columns ``lo:hi`` of every row, as stored (raw elements; :func:`_from_disk` converts)."""
+        out = np.empty((self.n_rows, hi - lo), dtype=self._raw)
+        nbytes = (hi - lo) * self.itemsize
         for i in range(self.n_rows):
-            buf = os.pread(self._fd, nbytes, (i * self.dim + lo) * 4)
+            buf = os.pread(self._fd, nbytes, (i * self.dim + lo) * self.itemsize)
             if len(buf) != nbytes:
                 raise FisherError(f"{self.path}: short read at row {i} (file truncated?); delete {self.folder} to recompute")
-            out[i] = np.frombuffer(buf, dtype=np.float32)
-        return torch.from_numpy(out)
+            out[i] = np.frombuffer(buf, dtype=self._raw)
+        return out
 
     def block(self, module: str) -> torch.Tensor:
         """Per-sample gradients of one module: G_m (N × D_m), float32, in RAM (small problems and tests)."""
         lo, hi = self.offsets[module]
-        block = self._read_columns(lo, hi)
-        self._check_rows(module, [crc32(block[i].numpy()) for i in range(self.n_rows)])
-        return block
+        raw = self._read_columns(lo, hi)
+        self._check_rows(module, [crc32(raw[i]) for i in range(self.n_rows)])
+        return _from_disk(raw, self.dtype)

@@ -90,3 +90,63 @@ def gram_error_estimate(SG_1: torch.Tensor, SG_2: torch.Tensor) -> float:
     if scale == 0:
         return 0.0
     return float(torch.linalg.norm(K1 - K2)) / (math.sqrt(2) * scale)
+
+
+def module_sketch_width(d: int, m: int) -> int:
+    """Columns a module of ``d`` coordinates takes in a sketch of dimension ``m``: ``d`` when ``d ≤ m`` (kept
+    exactly, see :func:`sketch_module`), else ``m`` rounded down to even (two independent halves)."""
+    if m < 2:
+        raise ValueError(f"sketch dimension {m}: need m >= 2")
+    return d if d <= m else m - m % 2
+
+
+def sketch_module(G: torch.Tensor, name: str, m: int, seed: int) -> torch.Tensor:
+    """One module's per-sample gradients ``G`` (n, d) → its sketch (n, :func:`module_sketch_width`) float32.
+
+    - ``d ≤ m``: an injective count sketch (a signed permutation), so inner products are exact;
+    - ``d > m``: two independent count sketches ``S_1, S_2`` (m/2 buckets each, seeds from ``seed`` and the
+      module name) side by side, each scaled by 1/√2: the sketched Gram is ``(K_1 + K_2) / 2``, unbiased, and
+      the two halves' Grams are independent estimates of the same ``G Gᵀ``, which :func:`gram_error_from_halves`
+      turns into an error bar at no extra cost.
+    """
+    return sketch_module_chunks([(0, G.shape[1], G)], name, G.shape[1], m, seed)
+
+
+def sketch_module_chunks(chunks, name: str, d: int, m: int, seed: int) -> torch.Tensor:
+    """:func:`sketch_module` of a module given as column chunks ``(lo, hi, G[:, lo:hi])`` (any order, together
+    covering its ``d`` columns once): sketching is linear, so chunk sketches add up. → (n, width) float32."""
+    width = module_sketch_width(d, m)
+    if d <= m:
+        hashes = [(sketch_hash(d, d, module_seed(seed, name)), 1.0, 0, d)]
+    else:
+        half = width // 2
+        hashes = [(sketch_hash(d, half, module_seed(seed, f"{name}#half{h}")), 1.0 / math.sqrt(2.0), h * half, half)
+                  for h in range(2)]
+    out = None
+    for lo, hi, C in chunks:
+        if out is None:
+            out = torch.zeros(C.shape[0], width, dtype=torch.float32, device=C.device)
+        for (bucket, sign), scale, start, buckets in hashes:
+            count_sketch(C, bucket[lo:hi], sign[lo:hi] * scale, buckets, out[:, start : start + buckets])
+    if out is None:
+        raise ValueError(f"sketch of module {name}: no column chunks")
+    return out
+
+
+def sketch_halves(SG: torch.Tensor, d: int, m: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The two independent half-sketches of a module sketched by :func:`sketch_module`, each rescaled to an
+    unbiased sketch on its own (``√2 ×``); None when the module was kept exactly (``d ≤ m``)."""
+    if d <= m:
+        return None
+    half = SG.shape[1] // 2
+    return SG[:, :half] * math.sqrt(2.0), SG[:, half:] * math.sqrt(2.0)
+
+
+def gram_error_from_halves(K_1: torch.Tensor, K_2: torch.Tensor) -> float:
+    """Estimated relative Frobenius error of the averaged Gram ``(K_1 + K_2) / 2`` from two independent
+    unbiased estimates: each has error ≈ ``‖K_1 − K_2‖_F / √2`` (see the module docstring), their mean
+    half the variance, so ``‖K_1 − K_2‖_F / (2 ‖(K_1 + K_2)/2‖_F)``."""
+    scale = float(torch.linalg.norm((K_1 + K_2).to(torch.float64) / 2))
+    if scale == 0:
+        return 0.0
+    return float(torch.linalg.norm((K_1 - K_2).to(torch.float64))) / (2.0 * scale)

@@ -39,6 +39,10 @@ FISHER_KEYS: dict[str, str] = {
     "fisher_batch_size": "batch_size",
     "fisher_device": "device",
     "fisher_dtype": "dtype",
+    "fisher_store": "store",
+    "sketch_dim": "sketch_dim",
+    "sketch_seed": "sketch_seed",
+    "fisher_store_dtype": "store_dtype",
 }
 
 

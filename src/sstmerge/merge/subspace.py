@@ -31,7 +31,7 @@ from ..linalg.eigen import (
     removal_coefficients,
     safety_subspace_from_gram,
 )
-from ..linalg.projection import project_block, span_coefficients, topk_mask
+from ..linalg.projection import span_coefficients, topk_mask
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ def with_fisher(fisher: Callable[[], FisherRun], use: Callable[[FisherRun], T]) 
             if attempt == 2:
                 raise CacheCorruptError(f"{exc}. Delete the Fisher cache entry {run.folder} and run again") from None
             log.warning("Fisher cache %s is damaged (%s): recomputing the damaged rows", run.folder, exc)
-            run.store.close()
-            discard_damaged(run.folder, exc, run.store.layout)
+            run.close()
+            discard_damaged(run.folder, exc)
     raise AssertionError("unreachable")
 
 
@@ -74,14 +74,6 @@ def _groups(modules: list[str], scope: str) -> dict[str, list[str]]:
     return {"global": modules} if scope == "global" else {m: [m] for m in modules}
 
 
-def _G_times(run: FisherRun, module: str, x: torch.Tensor) -> np.ndarray:
-    """``G_m x`` (N,) for a vector x of module m's parameters, one column chunk of the store at a time."""
-    out = np.zeros(run.stats.n_harm + run.stats.n_benign)
-    for lo, hi, C in run.store.iter_column_chunks(module):
-        out += (C.double() @ x[lo:hi].double()).numpy()
-    return out
-
-
 def project_safety(
     run: FisherRun, phi: dict[str, torch.Tensor], *, k: int | str, scope: str, estimator: str, eps: float,
     clamp_k: bool, k_rule: str = "mass", k_mass: float = 0.9,
@@ -90,6 +82,7 @@ def project_safety(
     scope from the spectrum (:func:`~sstmerge.linalg.eigen.choose_k`)."""
     stats = run.stats
     out = Projection(P_phi={})
+    betas: dict[str, np.ndarray] = {}  # module -> β of its scope: P φ_m = G_mᵀ β, all scopes in one pass
     for scope_name, members in _groups(stats.modules, scope).items():
         dim = sum(stats.dim(m) for m in members)
         where = f"scope {scope_name}"
@@ -100,9 +93,8 @@ def project_safety(
             G_phi = sum(stats.G_phi[m] for m in members)
             beta = span_coefficients(sub.basis_coef, G_phi)  # (N,)
             for m in members:
-                chunks = run.store.iter_column_chunks(m)  # G_mᵀ β one column chunk at a time
-                out.P_phi[m] = torch.cat([project_block(C, beta) for _, _, C in chunks])
-                out.G_P[m] = stats.gram[m] @ beta  # G_m G_mᵀ β
+                betas[m] = beta
+                out.G_P[m] = run.gram_times(m, beta)  # G_m G_mᵀ β
             out.spectra[scope_name] = sub.eigenvalues.tolist()
             out.effective_k[scope_name] = sub.k
             out.damping[scope_name] = sub.damping
@@ -122,7 +114,7 @@ def project_safety(
             for m in members:
                 size = stats.dim(m)
                 out.P_phi[m] = phi[m] * mask[offset : offset + size].to(phi[m].dtype)
-                out.G_P[m] = _G_times(run, m, out.P_phi[m])
+                out.G_P[m] = run.G_times(m, out.P_phi[m])
                 offset += size
             out.spectra[scope_name] = np.sort(scores)[::-1][: max(k_eff, min(100, len(scores)))].tolist()
             out.effective_k[scope_name] = k_eff
@@ -130,6 +122,8 @@ def project_safety(
             out.available_rank[scope_name] = available
         else:
             raise FisherError(f"unknown Fisher estimator {estimator!r}")
+    if betas:
+        out.P_phi.update(run.combine(betas))  # G_mᵀ β: store column chunks, or the weighted backward pass
     return out
 
 
@@ -155,6 +149,7 @@ def remove_directions(run: FisherRun, *, scope: str, eps: float, select: Selecto
     """
     stats = run.stats
     out = Removal(removed={}, G_removed={})
+    betas: dict[str, np.ndarray] = {}  # module -> β of its scope: removed_m = G_mᵀ β, all scopes in one pass
     for scope_name, members in _groups(stats.modules, scope).items():
         dim = sum(stats.dim(m) for m in members)
         K = stats.gram_total if scope == "global" else sum(stats.gram[m] for m in members)
@@ -164,8 +159,8 @@ def remove_directions(run: FisherRun, *, scope: str, eps: float, select: Selecto
         beta = removal_coefficients(basis, c, mask)  # Σ_L c_i v_i = Gᵀ β
         for m in members:
             if mask.any():
-                out.removed[m] = torch.cat([project_block(C, beta) for _, _, C in run.store.iter_column_chunks(m)])
-                out.G_removed[m] = stats.gram[m] @ beta
+                betas[m] = beta
+                out.G_removed[m] = run.gram_times(m, beta)
             else:
                 out.removed[m] = torch.zeros(stats.dim(m), dtype=torch.float64)
                 out.G_removed[m] = np.zeros(K.shape[0])
@@ -183,4 +178,6 @@ def remove_directions(run: FisherRun, *, scope: str, eps: float, select: Selecto
             "predicted_utility_cost_before": float(c2.sum()),
             "predicted_utility_cost_after": float(c2[~mask].sum()),
         }
+    if betas:
+        out.removed.update(run.combine(betas))  # G_mᵀ β: store column chunks, or the weighted backward pass
     return out
