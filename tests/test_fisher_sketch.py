@@ -151,9 +151,11 @@ def test_sketched_statistics_converge_to_the_exact_ones_as_m_grows(tiny_base, tm
     assert errors[16][0] > 0.05  # the small sketch is really approximate (the test can fail)
 
 
-def test_sketch_store_reports_its_error_and_the_estimate_is_sound(tiny_base, tmp_path, pair):
+def test_sketch_store_reports_its_error_and_the_estimate_is_sound(tiny_base, tmp_path, pair, caplog):
     full = fisher(tiny_base, pair, tmp_path, store="full")
+    caplog.set_level("WARNING")
     sk = fisher(tiny_base, pair, tmp_path, store="sketch", sketch_dim=64, sketch_seed=7)
+    assert "Raise --sketch-dim (now 64" in caplog.text  # m = 64 on these modules: well above 2 %
     report = sk.meta["store"]
     assert report["sketch_dim"] == 64 and report["sketch_seed"] == 7 and report["sketched_modules"] > 0
     assert report["dtype"] == "bfloat16" and sk.store.path.name == "grads.bf16"  # auto: bf16 for sketches

@@ -68,6 +68,8 @@ META_NAME = "fisher_meta.json"
 MAX_REPAIRS = 3
 #: ``store: auto`` keeps every per-sample gradient while that takes at most this many bytes (float32)
 AUTO_FULL_MAX_BYTES = 8 * 2**30
+#: a sketched Gram whose estimated relative error is above this is reported with a warning
+SKETCH_ERROR_WARN = 0.02
 
 
 class FisherSettings(BaseModel):
@@ -480,15 +482,20 @@ def _add_sums(sums: RowAccumulator, rows: list[int], grads: Mapping[str, torch.T
     keep = [b for b, i in enumerate(rows) if not sums.covered[i]]
     if not keep:
         return
-    n = sums.n_rows
-    sq = torch.cat([grads[m][keep].double().square() for m, _, _ in layout], 1)  # (b, D)
-    harm = torch.tensor([rows[b] < n_harm for b in keep], device=sq.device)
+    n, dim = sums.n_rows, sum(a + b for _, a, b in layout)
+    harm = torch.tensor([rows[b] < n_harm for b in keep])
+    diag_h, diag_b = torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)
     G_phi = torch.zeros(len(layout), n, dtype=torch.float64)  # (M, N), non-zero at the kept rows only
     idx = torch.tensor([rows[b] for b in keep])
-    for j, (m, _, _) in enumerate(layout):
-        G_phi[j, idx] = (grads[m][keep].double() @ phi[m].to(grads[m].device)).cpu()
-    sums.add([rows[b] for b in keep], {"diag_harm": sq[harm].sum(0), "diag_benign": sq[~harm].sum(0),
-                                       "G_phi": G_phi.reshape(-1)})
+    off = 0
+    for j, (m, na, nb) in enumerate(layout):  # one module at a time: (b, D_m) float64, never (b, D)
+        g = grads[m][keep].double()
+        sq = g.square()
+        diag_h[off : off + na + nb] = sq[harm.to(sq.device)].sum(0).cpu()
+        diag_b[off : off + na + nb] = sq[~harm.to(sq.device)].sum(0).cpu()
+        G_phi[j, idx] = (g @ phi[m].to(g.device)).cpu()
+        off += na + nb
+    sums.add([rows[b] for b in keep], {"diag_harm": diag_h, "diag_benign": diag_b, "G_phi": G_phi.reshape(-1)})
 
 
 def _sketch_stats(store: GradientStore, folder: Path, layout, n: int, n_harm: int,
@@ -533,6 +540,11 @@ def _sketch_stats(store: GradientStore, folder: Path, layout, n: int, n_harm: in
     }
     log.info("sketched Gram: %d columns for D = %d; estimated relative error %.2e (global Gram)",
              store.dim, sum(a + b for _, a, b in layout), report["gram_rel_error_estimate"])
+    if report["gram_rel_error_estimate"] > SKETCH_ERROR_WARN:
+        log.warning("the sketched Gram's estimated relative error is %.1f %% (above %.0f %%): the top generalized "
+                    "eigenvectors can move far more than that (docs/performance.md, 'Fisher store'). Raise "
+                    "--sketch-dim (now %d; the error falls as 1/sqrt(m)) or use --fisher-store full",
+                    100 * report["gram_rel_error_estimate"], 100 * SKETCH_ERROR_WARN, settings.sketch_dim)
     return gram_total, G_phi, report
 
 
