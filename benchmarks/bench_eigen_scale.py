@@ -286,6 +286,11 @@ def main() -> None:
         p_err = float(np.linalg.norm(P_s - P_f) / np.linalg.norm(P_f))
         print(f"sketched Gram relative error: true {gram_err:.3e}, estimated (two halves) {s['gram_error_estimate']:.3e}")
         print(f"top-{args.k} eigenvalues: max relative difference {lam_err:.3e}")
+        lam_all = npz["full"]["eigenvalues"]
+        if len(lam_all) > args.k:  # Davis–Kahan: a subspace moves by about (perturbation / gap to the next λ)
+            gap = (lam_all[args.k - 1] - lam_all[args.k]) / lam_all[args.k - 1]
+            print(f"exact spectrum: λ_1 … λ_{args.k + 1} = " + ", ".join(f"{x:.4g}" for x in lam_all[: args.k + 1])
+                  + f"; relative gap after λ_{args.k}: {gap:.2e}")
         print(f"principal angles between the top-{args.k} subspaces (degrees): "
               + ", ".join(f"{a:.3f}" for a in angles))
         print(f"projected update P φ: ‖sketch − full‖ / ‖full‖ = {p_err:.3e}")

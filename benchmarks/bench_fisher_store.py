@@ -101,6 +101,9 @@ def main() -> None:
                   f"{r['estimate'] if r['estimate'] is None else format(r['estimate'], '.2e')}); top-{args.k} λ "
                   f"max rel diff {r['lam_err']:.2e}; largest principal angle {r['angles'].max():.2f}°; "
                   f"P φ rel diff {r['P_err']:.2e}")
+            if r is ref and len(sub.eigenvalues) > args.k:
+                gap = (sub.eigenvalues[args.k - 1] - sub.eigenvalues[args.k]) / sub.eigenvalues[args.k - 1]
+                print(f"exact spectrum: relative gap after λ_{args.k}: {gap:.2e} (subspaces move by about error / gap)")
             print(f"[{name:14s}] top λ: " + ", ".join(f"{x:.4g}" for x in r["lam"][:5]) +
                   "; angles: " + ", ".join(f"{a:.2f}" for a in r["angles"]))
     for r in rows[1:]:
