@@ -114,6 +114,7 @@ def test_fisher_command_and_modes_listed(tiny_base, tmp_path, adapter_factory):
     first = run(args)
     assert first.exit_code == 0, first.output
     assert "cache hit: False" in first.stdout and "5 harmful, 5 benign" in first.stdout
+    assert "store: full (float32)" in first.stdout  # auto: a small problem keeps every gradient
     report = json.loads((tmp_path / "fisher" / "fisher_report.json").read_text())
     assert report["available_rank"] >= 1 and report["eigenvalues"]["global"][0] > 0
     assert (tmp_path / "fisher" / "spectrum.png").is_file()
@@ -125,6 +126,11 @@ def test_fisher_command_and_modes_listed(tiny_base, tmp_path, adapter_factory):
                   "--out", tmp_path / "m"])
     assert merged.exit_code == 0, merged.output
     assert json.loads((tmp_path / "m" / "merge_report.json").read_text())["method"]["fisher"]["cache_hit"] is True
+    sketched = run(args[:-2] + ["--fisher-store", "sketch", "--sketch-dim", "32", "--out", tmp_path / "fisher3"])
+    assert sketched.exit_code == 0, sketched.output
+    assert "store: sketch, m = 32 per module" in sketched.stdout and "estimated Gram error" in sketched.stdout
+    store = json.loads((tmp_path / "fisher3" / "fisher_report.json").read_text())["fisher"]["store"]
+    assert store["kind"] == "sketch" and store["sketch_dim"] == 32 and store["gram_rel_error_estimate"] > 0
     listing = run(["methods"]).stdout
     assert all(name in listing for name in ("direct", "residual", "layerwise"))
     bad = run(["fisher", "--base", tiny_base, "--utility", u])

@@ -285,6 +285,13 @@ def _fisher_command() -> click.Command:
         click.echo(f"Fisher statistics: {run_.folder} (cache hit: {run_.meta.get('cache_hit')})")
         click.echo(f"samples: {stats.n_harm} harmful, {stats.n_benign} benign; D = {stats.dim()}; "
                    f"positive eigenvalues: {sub.available_rank}")
+        store = run_.meta.get("store", {})
+        if store.get("kind") == "sketch":
+            click.echo(f"store: sketch, m = {store['sketch_dim']} per module ({store['columns']:,} columns, "
+                       f"{store['dtype']}, seed {store['sketch_seed']}), {store['disk_bytes'] / 2**20:.1f} MiB; "
+                       f"estimated Gram error {100 * store['gram_rel_error_estimate']:.2f} %")
+        elif store:
+            click.echo(f"store: full ({store['dtype']}), {store['disk_bytes'] / 2**20:.1f} MiB")
         click.echo("top λ: " + ", ".join(f"{x:.4g}" for x in sub.eigenvalues[:10]))
         if flags.get("out"):
             with atomic_output_dir(flags["out"], io.overwrite, inputs=fisher_inputs(cfg), kind="fisher") as tmp:
