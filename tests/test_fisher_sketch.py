@@ -314,3 +314,57 @@ def test_two_process_weighted_pass_equals_one_process(tiny_base, tmp_path, pair,
     assert len(list(next((folder / "weighted").iterdir()).glob("part-*.safetensors"))) == 2
     for m in betas:
         assert float(ref[m].norm()) > 0 and rel(two[m], ref[m]) < 1e-4
+
+
+def test_weighted_sums_with_several_betas_and_per_sample_products(point):  # noqa: F811
+    """The pieces of the Rayleigh–Ritz refinement on the real pass: p combinations ``G_mᵀ B_m`` (N × p betas) in
+    one backward per batch, and the per-sample products ``G V`` (N × p)."""
+    from sstmerge.fisher.gradients import iter_per_sample_products
+
+    model, layers, encoded, _ = point
+    G = batched_per_sample_gradients(model, layers, encoded)
+    gen = torch.Generator().manual_seed(1)
+    betas = {m: torch.randn(len(encoded), 3, generator=gen, dtype=torch.float64) for m in layers}
+    total = {m: 0 for m in layers}
+    for _, sums in iter_weighted_gradient_sums(model, layers, encoded, betas, range(len(encoded)), 3):
+        for m in layers:
+            total[m] = total[m] + sums[m]
+    for m in layers:
+        assert total[m].shape == (3, G[m].shape[1])
+        torch.testing.assert_close(total[m], betas[m].float().T @ G[m], rtol=1e-4, atol=1e-5 * float(G[m].abs().max()))
+    V = {m: torch.randn(G[m].shape[1], 2, generator=gen, dtype=torch.float64) for m in layers}
+    GV = torch.zeros(len(encoded), 2, dtype=torch.float64)
+    for rows, prod in iter_per_sample_products(model, layers, encoded, V, range(len(encoded)), 3):
+        GV[rows] = prod
+    ref = sum(G[m].double() @ V[m] for m in layers)
+    torch.testing.assert_close(GV, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+
+
+def test_rayleigh_ritz_recovers_the_exact_subspace_from_any_spanning_candidates():
+    """Rayleigh–Ritz over span(V) with exact G V: when V spans the gradients (p = N candidates, however badly
+    chosen, e.g. from a coarse sketch), the top eigenvalues and the projection equal the exact solution; with
+    fewer candidates the Ritz values never exceed the exact eigenvalues."""
+    from sstmerge.linalg.eigen import rayleigh_ritz, ritz_projection_coefficients
+    from sstmerge.linalg.projection import span_coefficients
+
+    gen = torch.Generator().manual_seed(0)
+    N, D, n_h, k = 24, 300, 12, 4
+    G = (torch.randn(N, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, D, generator=gen, dtype=torch.float64)
+         + 0.3 * torch.randn(N, D, generator=gen, dtype=torch.float64)).numpy()
+    phi = np.random.default_rng(0).normal(size=D)
+    K = G @ G.T
+    exact = safety_subspace_from_gram(K, n_h, k, dim=D, eps=1e-3)
+    P_exact = G.T @ span_coefficients(exact.basis_coef, G @ phi)
+    rough = safety_subspace_from_gram(K + 0.3 * np.abs(K).max() * np.diag(np.random.default_rng(1).random(N)), n_h,
+                                      N - 2, dim=D, eps=1e-3, clamp_k=True)  # candidates from a wrong Gram
+    for A, full_span in ((np.eye(N), True), (rough.coef[:, :k + 4], False)):
+        V = G.T @ A  # (D, p) what the weighted pass returns
+        mu, W = rayleigh_ritz(G @ V, V.T @ V, n_h, k, exact.damping)
+        if full_span:
+            np.testing.assert_allclose(mu, exact.eigenvalues[:k], rtol=1e-6)
+            P = V @ ritz_projection_coefficients(W, V.T @ V, V.T @ phi)
+            np.testing.assert_allclose(P, P_exact, rtol=1e-5, atol=1e-8 * np.abs(P_exact).max())
+        else:
+            assert np.all(mu <= exact.eigenvalues[:k] * (1 + 1e-9)) and mu[0] > 0
+    with pytest.raises(FisherError, match="rayleigh_ritz"):
+        rayleigh_ritz(np.ones((4, 2)), np.eye(3), 2, 1, 1.0)

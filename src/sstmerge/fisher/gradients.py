@@ -148,7 +148,8 @@ def iter_weighted_gradient_sums(
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """Yield ``(rows, {module: Σ_{i ∈ rows} β_m,i g_i,m})`` (D_m,) float32 over ``indices`` in batches: the
     per-sample gradients' combination ``G_mᵀ β_m`` with a coefficient vector per module (``betas[m]`` (N,);
-    the per-module scope has one per module), without forming any g_i.
+    the per-module scope has one per module), without forming any g_i. ``betas[m]`` (N, p) gives p
+    combinations at once, (p, D_m).
 
     One forward and one backward of ``Σ_b ℓ_b`` per batch gives every example's ``ḡ_t = ∂ℓ_b/∂o_t`` (as in
     :func:`batched_per_sample_gradients`); scaling it by ``β_m,b`` before the contraction over tokens and
@@ -171,13 +172,32 @@ def iter_weighted_gradient_sums(
         out: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for m, g_o in zip(modules, grads_o):
-                beta = betas[m][rows].to(device=device, dtype=torch.float32)  # (B,)
-                g_o = g_o.float() * beta[:, None, None]  # (B, T, d_out) β_b ḡ_t
-                g_B = torch.einsum("bto,btr->or", g_o, seen[m]["h"].float())  # (d_out, r)
-                g_h = g_o @ layers[m].B.weight.float()  # (B, T, r)
-                g_A = torch.einsum("btr,bti->ri", g_h, seen[m]["x"].float())  # (r, d_in)
-                out[m] = torch.cat([g_A.reshape(-1), g_B.reshape(-1)])
+                beta = betas[m][rows].to(device=device, dtype=torch.float32)  # (B,) or (B, p)
+                h, x, B_w = seen[m]["h"].float(), seen[m]["x"].float(), layers[m].B.weight.float()
+                sums = []
+                for col in (beta[:, None] if beta.ndim == 1 else beta).T:  # one coefficient vector at a time
+                    g_w = g_o.float() * col[:, None, None]  # (B, T, d_out) β_b ḡ_t
+                    g_B = torch.einsum("bto,btr->or", g_w, h)  # (d_out, r)
+                    g_A = torch.einsum("btr,bti->ri", g_w @ B_w, x)  # (r, d_in)
+                    sums.append(torch.cat([g_A.reshape(-1), g_B.reshape(-1)]))
+                out[m] = sums[0] if beta.ndim == 1 else torch.stack(sums)  # (D_m,) or (p, D_m)
         yield rows, out
+
+
+def iter_per_sample_products(
+    model, layers: dict[str, LoraLayer], encoded: Sequence[dict], V: Mapping[str, torch.Tensor],
+    indices: Sequence[int], batch_size: int, pad_id: int = 0,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield ``(rows, Σ_m G_m[rows] V_m)`` (B, p) float64: the per-sample gradients' inner products with p
+    directions ``V[m]`` (D_m, p), module by module, from the batched per-sample pass (each g_i lives for one
+    batch). The Rayleigh–Ritz refinement needs ``G V`` exactly."""
+    for rows in _length_batches(encoded, indices, batch_size):
+        grads = batched_per_sample_gradients(model, layers, [encoded[i] for i in rows], pad_id)
+        out = None
+        for m, V_m in V.items():
+            part = grads[m].double() @ V_m.to(grads[m].device, torch.float64)  # (B, p)
+            out = part if out is None else out + part
+        yield rows, out.cpu()
 
 
 def looped_per_sample_gradients(

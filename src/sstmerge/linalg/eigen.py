@@ -276,3 +276,38 @@ def diagonal_scores(F_harm_diag: np.ndarray, F_benign_diag: np.ndarray, eps: flo
     if delta <= 0:
         raise FisherError("the benign diagonal Fisher is zero; damping undefined")
     return F_harm_diag / (F_benign_diag + delta), delta
+
+
+def rayleigh_ritz(GV: np.ndarray, VtV: np.ndarray, n_harm: int, k: int, delta: float,
+                  rel_tol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k solutions of ``F_harm u = μ (F_benign + δI) u`` restricted to ``span(V)`` (V: D × p, e.g. the
+    candidate directions of a sketched eigenproblem), from exact products only::
+
+        u = V w,   H w = μ B w,   H = (GV)_hᵀ (GV)_h / N_h,   B = (GV)_bᵀ (GV)_b / N_b + δ VᵀV
+
+    ``GV`` (N × p) = G V (per-sample gradients times the candidates; harmful rows first), ``VtV`` (p × p).
+    The Ritz values μ are the exact Rayleigh quotients of the returned directions (each ≤ the true λ_i), and
+    when span(V) holds the true top-k eigenvectors they are recovered exactly, whatever error the candidates'
+    statistics had. Directions of V that are numerically dependent are dropped first. Returns ``(μ (k',),
+    W (p, k'))``, k' = min(k, rank), μ descending, W B-orthonormal.
+    """
+    GV, VtV = np.asarray(GV, dtype=np.float64), np.asarray(VtV, dtype=np.float64)
+    N, p = GV.shape
+    if not 0 < n_harm < N or VtV.shape != (p, p):
+        raise FisherError(f"rayleigh_ritz: GV {GV.shape} with {n_harm} harmful rows and VᵀV {VtV.shape}")
+    s, Q = np.linalg.eigh(0.5 * (VtV + VtV.T))  # whiten V: V Q s^{-1/2} is orthonormal
+    keep = s > rel_tol * max(float(s.max(initial=0.0)), 0.0)
+    T = Q[:, keep] / np.sqrt(s[keep])  # (p, r)
+    Y = GV @ T  # (N, r)
+    H = Y[:n_harm].T @ Y[:n_harm] / n_harm
+    B = Y[n_harm:].T @ Y[n_harm:] / (N - n_harm) + delta * np.eye(T.shape[1])
+    mu, C = scipy.linalg.eigh(0.5 * (H + H.T), 0.5 * (B + B.T))
+    order = np.argsort(mu)[::-1][: min(k, len(mu))]
+    return mu[order], T @ C[:, order]
+
+
+def ritz_projection_coefficients(W: np.ndarray, VtV: np.ndarray, Vt_phi: np.ndarray) -> np.ndarray:
+    """``c`` (p,) with ``P φ = V c``: the orthogonal projection of φ onto ``span(V W)``,
+    ``c = W (Wᵀ VᵀV W)⁺ Wᵀ Vᵀφ``; ``Vt_phi`` (p,) = Vᵀφ (= Aᵀ G φ when V = Gᵀ A)."""
+    M = W.T @ VtV @ W
+    return W @ (np.linalg.pinv(0.5 * (M + M.T)) @ (W.T @ Vt_phi))
