@@ -20,7 +20,7 @@ from sstmerge.fisher.run import AUTO_FULL_MAX_BYTES, FisherSettings, compute_fis
 from sstmerge.io.models import load_base_info
 from sstmerge.linalg.eigen import safety_subspace_from_gram
 from sstmerge.linalg.projection import project_block, span_coefficients
-from sstmerge.linalg.sketch import gram, relative_error, sketch_module
+from sstmerge.linalg.sketch import gram, sketch_module
 from sstmerge.merge.subspace import project_safety, remove_directions
 
 from .conftest import TINY_TARGETS
@@ -126,7 +126,6 @@ def test_sketched_statistics_converge_to_the_exact_ones_as_m_grows(tiny_base, tm
     n_h, layout = full.stats.n_harm, full.stats.layout
     blocks = {m: full.store.block(m) for m, _, _ in layout}
     D = sum(a + b for _, a, b in layout)
-    phi = flat_phi(pair[1])
     G_phi = sum(full.stats.G_phi[m] for m in full.stats.modules)
     exact = safety_subspace_from_gram(full.stats.gram_total, n_h, 4, dim=D, eps=1e-3)
 
@@ -334,8 +333,8 @@ def test_weighted_sums_with_several_betas_and_per_sample_products(point):  # noq
         torch.testing.assert_close(total[m], betas[m].float().T @ G[m], rtol=1e-4, atol=1e-5 * float(G[m].abs().max()))
     V = {m: torch.randn(G[m].shape[1], 2, generator=gen, dtype=torch.float64) for m in layers}
     GV = torch.zeros(len(encoded), 2, dtype=torch.float64)
-    for rows, prod in iter_per_sample_products(model, layers, encoded, V, range(len(encoded)), 3):
-        GV[rows] = prod
+    for rows, prods in iter_per_sample_products(model, layers, encoded, V, range(len(encoded)), 3):
+        GV[rows] = sum(prods.values())
     ref = sum(G[m].double() @ V[m] for m in layers)
     torch.testing.assert_close(GV, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
 
@@ -368,3 +367,23 @@ def test_rayleigh_ritz_recovers_the_exact_subspace_from_any_spanning_candidates(
             assert np.all(mu <= exact.eigenvalues[:k] * (1 + 1e-9)) and mu[0] > 0
     with pytest.raises(FisherError, match="rayleigh_ritz"):
         rayleigh_ritz(np.ones((4, 2)), np.eye(3), 2, 1, 1.0)
+
+
+def test_refined_sketch_projection_is_exact_when_the_candidates_span_the_gradients(tiny_base, tmp_path, pair):
+    """``sketch_refine = p``: Rayleigh–Ritz over the sketched problem's top-p directions with exact G V. With p = N
+    (the candidates span the gradients) the projection equals the full store's, although the Gram came from a
+    coarse sketch (m = 32) whose own projection is visibly off."""
+    phi = flat_phi(pair[1])
+    kwargs = dict(k=4, scope="global", estimator="empirical", eps=1e-3, clamp_k=True)
+    exact = project_safety(fisher(tiny_base, pair, tmp_path, store="full"), phi, **kwargs)
+    rough = project_safety(fisher(tiny_base, pair, tmp_path, store="sketch", sketch_dim=32), phi, **kwargs)
+    refined_run = fisher(tiny_base, pair, tmp_path, store="sketch", sketch_dim=32, sketch_refine=12)
+    assert refined_run.meta["cache_hit"] and refined_run.refine == 12  # same statistics, refined projection
+    refined = project_safety(refined_run, phi, **kwargs)
+    P = {name: torch.cat([p.P_phi[m] for m in sorted(phi)]) for name, p in
+         (("exact", exact), ("rough", rough), ("refined", refined))}
+    assert rel(P["rough"], P["exact"]) > 0.05
+    assert rel(P["refined"], P["exact"]) < 1e-4
+    np.testing.assert_allclose(refined.spectra["global"], exact.spectra["global"][:4], rtol=1e-4)
+    for m in phi:
+        assert rel(refined.G_P[m], exact.G_P[m]) < 1e-4
