@@ -501,7 +501,7 @@ def test_damaged_sketch_store_or_weighted_pass_is_repaired_and_gives_the_clean_r
         part.write_bytes(part.read_bytes()[:-7])
     caplog.set_level("WARNING")
     again = _fisher_merge(proj, tmp_path / "c", tmp_path / "again", **options)
-    assert "damaged" in caplog.text
+    assert "damaged" in caplog.text and again.report["method"]["fisher"]["store"]["kind"] == "sketch"
     a = load_file(tmp_path / "clean" / "adapter_model.safetensors")
     b = load_file(tmp_path / "again" / "adapter_model.safetensors")
     for key in a:
