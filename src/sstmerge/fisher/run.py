@@ -189,8 +189,7 @@ class FisherRun:
         ``(G_m Sᵀ)(S x)`` (unbiased, the Gram's error) in the sketch store."""
         if self.kind == "sketch":
             Sx = sketch_module(x.reshape(1, -1).float(), module, self.sketch_dim, self.sketch_seed)  # (1, w)
-            return torch.cat([C.double() for _, _, C in self.store.iter_column_chunks(module)], 1).matmul(
-                Sx[0].double()).numpy()
+            return self.store.block(module).double().matmul(Sx[0].double()).numpy()
         out = np.zeros(self.stats.n_harm + self.stats.n_benign)
         for lo, hi, C in self.store.iter_column_chunks(module):
             out += (C.double() @ x[lo:hi].double()).numpy()
@@ -199,7 +198,7 @@ class FisherRun:
     def gram_times(self, module: str, beta: np.ndarray) -> np.ndarray:
         """``G_m G_mᵀ β`` (N,): the module's Gram (exact, or sketched: ``(G_m Sᵀ)((G_m Sᵀ)ᵀ β)``, no N × N formed)."""
         if self.kind == "sketch":
-            SG = torch.cat([C.double() for _, _, C in self.store.iter_column_chunks(module)], 1)  # (N, w)
+            SG = self.store.block(module).double()  # (N, w), CRC-checked
             return (SG @ (SG.T @ torch.as_tensor(beta, dtype=torch.float64))).numpy()
         return self.stats.gram[module] @ beta
 
@@ -269,7 +268,7 @@ class SketchGrams(Mapping):
     def __getitem__(self, module: str) -> np.ndarray:
         if module not in self.modules:
             raise KeyError(module)
-        SG = torch.cat([C.double() for _, _, C in self.store.iter_column_chunks(module)], 1)  # (N, w)
+        SG = self.store.block(module).double()  # (N, w), CRC-checked
         return (SG @ SG.T).numpy()
 
     def __iter__(self):
@@ -536,7 +535,7 @@ def _sketch_stats(store: GradientStore, folder: Path, layout, n: int, n_harm: in
     gram_total, K_1, K_2 = np.zeros((n, n)), np.zeros((n, n)), np.zeros((n, n))
     module_errors, exact, off = {}, 0, 0
     for m, na, nb in tqdm(layout, desc="sketched Gram", unit="module", disable=quiet(), leave=False):
-        SG = torch.cat([C.double() for _, _, C in store.iter_column_chunks(m)], 1)  # (N, w_m)
+        SG = store.block(m).double()  # (N, w_m), CRC-checked
         halves = sketch_halves(SG, na + nb, settings.sketch_dim)
         if halves is None:  # kept exactly
             exact += 1
