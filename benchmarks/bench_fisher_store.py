@@ -5,11 +5,15 @@ LoRA) and the same data (the merge default: 64 harmful + 64 benign training exam
 folder: the exact float32 store, the bfloat16 store, and sketch stores of several m. For each, printed side
 by side against the exact store: time of the pass (and of the weighted backward pass that maps β back),
 disk, the Gram's true relative error and the store's own estimate, the top-k eigenvalues, the principal
-angles between the top-k safety subspaces (measured in parameter space with the exact Gram), and the
-relative difference of the projected update ``P φ`` (what ``residual``/``layerwise`` blend in).
+angles between the top-k safety subspaces (measured in parameter space with the exact Gram), the best
+Rayleigh quotients each subspace reaches under the exact Fisher (over the exact λ), and the relative
+difference of the projected update ``P φ`` (what ``residual``/``layerwise`` blend in).
+``--sketch-refine p`` adds, for each sketch store, a row with ``sketch_refine = p`` on the same (cached)
+sketch: the subspace and ``P φ`` re-solved within the sketched top-p directions (a weighted pass with an
+N × p β and a per-sample products pass); its eigenvalues are the Ritz values.
 
     python benchmarks/bench_fisher_store.py --utility runs/A5 --utility runs/A6 --safety runs/A7
-    python benchmarks/bench_fisher_store.py ... --sketch-dims 512,2048,8192 --k 10
+    python benchmarks/bench_fisher_store.py ... --sketch-dims 512,2048,8192 --k 10 --sketch-refine 40
 
 Adapters default to the newest ``A5-*``, ``A6-*``, ``A7-*`` of a demo run's ``adapters/`` (``--run``).
 """
@@ -28,10 +32,9 @@ from sstmerge import read_adapter
 from sstmerge.fisher.point import flat_phi
 from sstmerge.fisher.run import FisherSettings, compute_fisher
 from sstmerge.io.models import load_base_info
-from sstmerge.linalg.eigen import safety_subspace_from_gram
 from sstmerge.merge.subspace import project_safety
 
-from bench_eigen_scale import principal_angles_deg  # noqa: E402  (benchmarks/ is the script's folder)
+from bench_eigen_scale import exact_ritz_values, principal_angles_deg  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def folder_bytes(path: Path) -> int:
@@ -52,6 +55,7 @@ def main() -> None:
     ap.add_argument("--safety", default=None)
     ap.add_argument("--run", default="runs/demo", help="a demo run folder to take the adapters from")
     ap.add_argument("--sketch-dims", default="256,2048,8192")
+    ap.add_argument("--sketch-refine", type=int, default=0, help="also each sketch with sketch_refine = p (0: no)")
     ap.add_argument("--max-samples", type=int, default=64)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--eps", type=float, default=1e-3, help="relative damping ε (the merge default)")
@@ -66,7 +70,11 @@ def main() -> None:
     phi = flat_phi(safety)
     configs = [("full float32", dict(store="full", store_dtype="float32")),
                ("full bfloat16", dict(store="full", store_dtype="bfloat16"))]
-    configs += [(f"sketch m={m}", dict(store="sketch", sketch_dim=int(m))) for m in args.sketch_dims.split(",")]
+    for m in args.sketch_dims.split(","):
+        configs.append((f"sketch m={m}", dict(store="sketch", sketch_dim=int(m))))
+        if args.sketch_refine:  # same cache entry (refine is not part of the key): only the two passes run
+            configs.append((f"m={m} refine={args.sketch_refine}",
+                            dict(store="sketch", sketch_dim=int(m), sketch_refine=args.sketch_refine)))
     print(f"base {args.base}; {len(utility)} utility adapter(s); D = {sum(v.numel() for v in phi.values()):,} "
           f"({len(phi)} modules); k = {args.k}, ε = {args.eps}; torch threads {torch.get_num_threads()}")
     rows = []
@@ -82,32 +90,37 @@ def main() -> None:
             proj = project_safety(fr, phi, k=args.k, scope="global", estimator="empirical", eps=args.eps, clamp_k=True)
             t_proj = time.perf_counter() - t0
             K = fr.stats.gram_total
-            sub = safety_subspace_from_gram(K, fr.stats.n_harm, args.k, dim=fr.stats.dim(), eps=args.eps, clamp_k=True)
+            lam = np.asarray(proj.spectra["global"][: args.k])  # the Ritz values when refined
             P = torch.cat([proj.P_phi[m] for m in sorted(proj.P_phi)])
             store = fr.meta["store"]
             r = {"name": name, "t_pass": t_pass if not fr.meta.get("cache_hit") else float("nan"), "t_proj": t_proj,
                  "disk": folder_bytes(fr.folder), "store_bytes": store["disk_bytes"],
-                 "estimate": store.get("gram_rel_error_estimate"), "lam": sub.eigenvalues[: args.k], "K": K,
-                 "B": sub.basis_coef, "P": P}
+                 "estimate": store.get("gram_rel_error_estimate"), "lam": lam, "K": K,
+                 "B": proj.basis_coef["global"], "P": P}
             if ref is None:
                 ref = r
             r["gram_err"] = float(np.linalg.norm(K - ref["K"]) / np.linalg.norm(ref["K"]))
             r["lam_err"] = float(np.max(np.abs(r["lam"] - ref["lam"]) / np.abs(ref["lam"])))
             r["angles"] = principal_angles_deg(ref["K"], ref["B"], r["B"])
+            r["ritz"] = exact_ritz_values(ref["K"], fr.stats.n_harm, r["B"], fr.stats.dim(), args.eps) / ref["lam"][: r["B"].shape[1]]
             r["P_err"] = float((P - ref["P"]).norm() / ref["P"].norm())
             rows.append(r)
-            print(f"[{name:14s}] pass {r['t_pass']:.1f} s, Gᵀβ {t_proj:.1f} s, entry {r['disk'] / 2**20:.1f} MiB "
+            print(f"[{name:14s}] pass {r['t_pass']:.1f} s, projection {t_proj:.1f} s, entry {r['disk'] / 2**20:.1f} MiB "
                   f"(store {r['store_bytes'] / 2**20:.1f} MiB); Gram error {r['gram_err']:.2e} (estimate "
                   f"{r['estimate'] if r['estimate'] is None else format(r['estimate'], '.2e')}); top-{args.k} λ "
                   f"max rel diff {r['lam_err']:.2e}; largest principal angle {r['angles'].max():.2f}°; "
                   f"P φ rel diff {r['P_err']:.2e}")
-            if r is ref and len(sub.eigenvalues) > args.k:
-                gap = (sub.eigenvalues[args.k - 1] - sub.eigenvalues[args.k]) / sub.eigenvalues[args.k - 1]
+            if r is ref and len(proj.spectra["global"]) > args.k:
+                ev = proj.spectra["global"]
+                gap = (ev[args.k - 1] - ev[args.k]) / ev[args.k - 1]
                 print(f"exact spectrum: relative gap after λ_{args.k}: {gap:.2e} (subspaces move by about error / gap)")
             print(f"[{name:14s}] top λ: " + ", ".join(f"{x:.4g}" for x in r["lam"][:5]) +
-                  "; angles: " + ", ".join(f"{a:.2f}" for a in r["angles"]))
+                  "; angles: " + ", ".join(f"{a:.2f}" for a in r["angles"]) +
+                  "; under the exact Fisher, Ritz value / exact λ: " + ", ".join(f"{x:.3g}" for x in r["ritz"][:5]))
     for r in rows[1:]:
         print(f"RATIO store disk full float32 / {r['name']} = {ref['store_bytes'] / r['store_bytes']:.1f}")
+    for r in rows[1:]:
+        print(f"RATIO projection time {r['name']} / full float32 = {r['t_proj'] / ref['t_proj']:.2f}")
 
 
 if __name__ == "__main__":

@@ -375,7 +375,8 @@ def test_refined_sketch_projection_is_exact_when_the_candidates_span_the_gradien
     coarse sketch (m = 32) whose own projection is visibly off."""
     phi = flat_phi(pair[1])
     kwargs = dict(k=4, scope="global", estimator="empirical", eps=1e-3, clamp_k=True)
-    exact = project_safety(fisher(tiny_base, pair, tmp_path, store="full"), phi, **kwargs)
+    exact_run = fisher(tiny_base, pair, tmp_path, store="full")
+    exact = project_safety(exact_run, phi, **kwargs)
     rough = project_safety(fisher(tiny_base, pair, tmp_path, store="sketch", sketch_dim=32), phi, **kwargs)
     refined_run = fisher(tiny_base, pair, tmp_path, store="sketch", sketch_dim=32, sketch_refine=12)
     assert refined_run.meta["cache_hit"] and refined_run.refine == 12  # same statistics, refined projection
@@ -387,3 +388,14 @@ def test_refined_sketch_projection_is_exact_when_the_candidates_span_the_gradien
     np.testing.assert_allclose(refined.spectra["global"], exact.spectra["global"][:4], rtol=1e-4)
     for m in phi:
         assert rel(refined.G_P[m], exact.G_P[m]) < 1e-4
+    # the reported directions (coefficients in the gradient span) span the exact top-4 subspace: principal
+    # angles 0, measured in parameter space through the exact Gram (cosines = singular values of Q_1ᵀ K Q_2)
+    K = exact_run.stats.gram_total
+
+    def orth(B):
+        w, U = np.linalg.eigh(B.T @ K @ B)
+        return B @ U / np.sqrt(w)
+
+    cos = np.linalg.svd(orth(exact.basis_coef["global"]).T @ K @ orth(refined.basis_coef["global"]), compute_uv=False)
+    np.testing.assert_allclose(cos, 1.0, atol=1e-6)
+    assert refined.basis_coef["global"].shape == exact.basis_coef["global"].shape == (K.shape[0], 4)

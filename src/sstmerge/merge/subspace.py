@@ -48,6 +48,9 @@ class Projection:
     damping: dict[str, float] = field(default_factory=dict)
     available_rank: dict[str, int] = field(default_factory=dict)
     G_P: dict[str, np.ndarray] = field(default_factory=dict)  # module -> G_m P φ_m (N,)
+    # scope -> (N, k) coefficients of the chosen directions in the gradient span, v_j = G_scopeᵀ coef[:, j]
+    # (empirical estimator only; what benchmarks compare subspaces with)
+    basis_coef: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def with_fisher(fisher: Callable[[], FisherRun], use: Callable[[FisherRun], T]) -> tuple[FisherRun, T]:
@@ -104,6 +107,7 @@ def project_safety(
             out.effective_k[scope_name] = sub.k
             out.damping[scope_name] = sub.damping
             out.available_rank[scope_name] = sub.available_rank
+            out.basis_coef[scope_name] = sub.basis_coef
         elif estimator == "diagonal":
             f_h = np.concatenate([stats.diag_harm[m] for m in members])
             f_b = np.concatenate([stats.diag_benign[m] for m in members])
@@ -165,6 +169,7 @@ def _refined_projection(run: FisherRun, out: Projection, members: list[str], k: 
     out.effective_k["global"] = len(mu)
     out.damping["global"] = delta
     out.available_rank["global"] = available
+    out.basis_coef["global"] = A @ W  # the Ritz vectors V W = Gᵀ (A W)
 
 
 @dataclass
