@@ -28,14 +28,11 @@ relative error and its estimate; the top eigenvalues; the principal angles betwe
     python benchmarks/bench_eigen_scale.py                  # 8B shapes, N = 2000 (~45 min on 2 cores)
     python benchmarks/bench_eigen_scale.py --layers 1 --n-harm 100 --n-benign 100     # a quick look
     python benchmarks/bench_eigen_scale.py --stores sketch --sketch-dim 2048           # one store only
-    python benchmarks/bench_eigen_scale.py --sketch-refine 40      # also the sketch store's --sketch-refine 40
 
-``--sketch-refine p`` adds to the sketch store's run what ``--sketch-refine p`` does in a model run: the
-sketched problem's top-p directions mapped to parameter space (``V = Gᵀ A``, a weighted pass with an N × p β),
-the exact products ``G V`` (a per-sample pass: here the synthetic chunks again), Rayleigh–Ritz within span(V)
-with the exact damping, and ``P φ = V c``. It is timed apart (``refine``) and compared with the full store too.
-A model run holds V (p × D float64) in memory during the products pass; here each module's block is formed
-and dropped in turn, so the peak RSS printed does not include it: the script prints its size.
+Also printed: the best Rayleigh quotients the sketched top-k subspace reaches under the *exact* Fisher, over
+the exact λ (``exact_ritz_values``). An earlier version also ran ``--sketch-refine p`` (Rayleigh–Ritz within
+the sketched top-p directions, with exact products); its measurements and why it was removed are in
+docs/performance.md ("Fisher store: full or sketch"; the script as it was: commit 3e43dcf).
 """
 
 from __future__ import annotations
@@ -56,10 +53,8 @@ import torch
 from sstmerge.fisher.stats import compute_stats
 from sstmerge.linalg.eigen import (
     damping_from_gram,
-    generalized_eigenbasis_from_gram,
     generalized_eigh_dense,
     rayleigh_ritz,
-    ritz_projection_coefficients,
     safety_subspace_from_gram,
 )
 from sstmerge.linalg.projection import project_block, span_coefficients
@@ -168,7 +163,6 @@ def _sketch_statistics(src: SyntheticGradients, phi, m_dim: int, folder: Path):
     diag_h_file, diag_b_file = open(folder / "diag_harm.f64", "wb"), open(folder / "diag_benign.f64", "wb")
     K, K_1, K_2 = (torch.zeros(n, n, dtype=torch.float64) for _ in range(3))
     G_phi = torch.zeros(n, dtype=torch.float64)
-    trace_benign = 0.0
     for (m, a, b), w in zip(src.layout, widths):
         sq_h, sq_b = [], []
 
@@ -185,7 +179,6 @@ def _sketch_statistics(src: SyntheticGradients, phi, m_dim: int, folder: Path):
         sketch_file.write(SG.view(torch.int16).numpy().tobytes())
         diag_h_file.write(np.concatenate(sq_h).tobytes())
         diag_b_file.write(np.concatenate(sq_b).tobytes())
-        trace_benign += float(sum(x.sum() for x in sq_b))  # tr(F_benign), exact (for --sketch-refine's δ)
         SG = SG.float()  # the statistics see the stored (rounded) sketch
         halves = sketch_halves(SG, a + b, m_dim)
         k1, k2 = ((h.double() @ h.double().T) for h in halves) if halves is not None else (SG.double() @ SG.double().T,) * 2
@@ -194,31 +187,7 @@ def _sketch_statistics(src: SyntheticGradients, phi, m_dim: int, folder: Path):
         K_2 += k2
     for fh in (sketch_file, diag_h_file, diag_b_file):
         fh.close()
-    return K.numpy(), G_phi.numpy(), gram_error_from_halves(K_1, K_2), sum(widths), trace_benign
-
-
-def _refine(src: SyntheticGradients, K: np.ndarray, G_phi: np.ndarray, trace_benign: float, p: int, k: int,
-            dim: int, eps: float = 1e-3):
-    """``--sketch-refine p`` (:func:`sstmerge.merge.subspace._refined_projection`) on the synthetic gradients:
-    returns (Ritz values (k,), coefficients of the Ritz vectors in the gradient span (N, k), P φ (D,))."""
-    n_harm, N = src.n_harm, src.n_rows
-    basis = generalized_eigenbasis_from_gram(K, n_harm, dim=dim, eps=eps, where="sketched")
-    p = max(min(p, basis.rank), k)
-    A = basis.coef[:, :p]  # (N, p): candidates v_i = Gᵀ a_i
-    GV = np.zeros((N, p))
-    VtV = np.zeros((p, p))
-    for m, _, _ in src.layout:
-        V_m = src.weighted_sum(m, A)  # (D_m, p): the weighted pass with an N × p β
-        VtV += (V_m.T @ V_m).numpy()
-        V_f = V_m.float()
-        for lo, hi, C in src.iter_column_chunks(m):  # the per-sample products pass: G_m V_m
-            GV += (C @ V_f[lo:hi]).double().numpy()
-    delta = eps * trace_benign / dim  # exact: the diagonal Fisher is an exact sum
-    mu, W = rayleigh_ritz(GV, VtV, n_harm, k, delta)
-    c = ritz_projection_coefficients(W, VtV, A.T @ G_phi)
-    # P φ = V c = Gᵀ (A c): V was not kept here, so one more weighted pass with the (N,) β = A c
-    P = torch.cat([src.weighted_sum(m, A @ c) for m, _, _ in src.layout])
-    return mu, A @ W, P
+    return K.numpy(), G_phi.numpy(), gram_error_from_halves(K_1, K_2), sum(widths)
 
 
 def child(args) -> None:
@@ -237,7 +206,7 @@ def child(args) -> None:
             G_phi = G_phi_m.sum(0)
             out["gradient_store_bytes"] = N * D * 4  # what a real pass writes and reads back (not written here)
         else:
-            K, G_phi, estimate, width, trace_benign = _sketch_statistics(src, phi, args.sketch_dim, Path(tmp))
+            K, G_phi, estimate, width = _sketch_statistics(src, phi, args.sketch_dim, Path(tmp))
             out.update(gram_error_estimate=estimate, sketch_columns=width, gradient_store_bytes=0)
         out["t_statistics"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -258,14 +227,6 @@ def child(args) -> None:
     out["t_generation"] = src.generation_seconds  # included in t_statistics and t_projection
     out["t_store_work"] = out["t_total"] - out["t_generation"]
     arrays = dict(K=K, basis_coef=sub.basis_coef, eigenvalues=sub.eigenvalues, P=P.numpy())
-    if args.child == "sketch" and args.sketch_refine:
-        gen_before = src.generation_seconds
-        t0 = time.perf_counter()
-        mu, coef, P_r = _refine(src, K, G_phi, trace_benign, args.sketch_refine, args.k, D)
-        out["t_refine"] = time.perf_counter() - t0
-        out["t_refine_generation"] = src.generation_seconds - gen_before
-        out["refine_V_bytes"] = args.sketch_refine * D * 8
-        arrays.update(refined_eigenvalues=mu, refined_basis_coef=coef, refined_P=P_r.float().numpy())
     np.savez(args.result, **arrays)
     Path(args.result).with_suffix(".json").write_text(json.dumps(out))
 
@@ -301,7 +262,6 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--sketch-dim", type=int, default=2048, help="sketch columns per module (m)")
     ap.add_argument("--stores", default="full,sketch", help="which stores to run (comma-separated)")
-    ap.add_argument("--sketch-refine", type=int, default=0, help="also --sketch-refine p on the sketch store (0: no)")
     ap.add_argument("--workdir", default=None, help="where the temporary files go (default: the temp dir)")
     ap.add_argument("--child", choices=["full", "sketch"], help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -322,7 +282,7 @@ def main() -> None:
         for store in args.stores.split(","):
             path = Path(tmp) / f"{store}.npz"
             cmd = [sys.executable, __file__, "--child", store, "--result", str(path)]
-            for flag in ("layers", "rank", "n_harm", "n_benign", "k", "sketch_dim", "sketch_refine", "workdir"):
+            for flag in ("layers", "rank", "n_harm", "n_benign", "k", "sketch_dim", "workdir"):
                 if getattr(args, flag) is not None:
                     cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
             subprocess.run(cmd, check=True)
@@ -336,11 +296,6 @@ def main() -> None:
                   f"(written {r['written_bytes'] / 2**30:.2f} GiB + gradient store {r['gradient_store_bytes'] / 2**30:.1f} GiB)"
                   + (f"; {r['sketch_columns']:,} sketch columns" if "sketch_columns" in r else ""))
             print(f"[{store:6s}] top λ: " + ", ".join(f"{x:.5g}" for x in npz[store]["eigenvalues"][:5]))
-            if "t_refine" in r:
-                print(f"[{store:6s}] refine p = {args.sketch_refine}: {r['t_refine']:.1f} s (of which making the synthetic "
-                      f"gradients {r['t_refine_generation']:.1f} s); a model run holds V = {r['refine_V_bytes'] / 2**30:.1f} "
-                      f"GiB during its products pass; Ritz values: "
-                      + ", ".join(f"{x:.5g}" for x in npz[store]["refined_eigenvalues"][:5]))
     if {"full", "sketch"} <= set(res):
         f, s = res["full"], res["sketch"]
         K = npz["full"]["K"]
@@ -363,16 +318,6 @@ def main() -> None:
         print(f"the sketched top-{args.k} subspace under the exact Fisher: Ritz value / exact λ = "
               + ", ".join(f"{x:.3g}" for x in ritz / lam_f[: len(ritz)]))
         print(f"projected update P φ: ‖sketch − full‖ / ‖full‖ = {p_err:.3e}")
-        if "refined_P" in npz["sketch"]:
-            r_lam = npz["sketch"]["refined_eigenvalues"][: args.k]
-            r_angles = principal_angles_deg(K, npz["full"]["basis_coef"], npz["sketch"]["refined_basis_coef"])
-            r_p = float(np.linalg.norm(npz["sketch"]["refined_P"].astype(np.float64) - P_f) / np.linalg.norm(P_f))
-            print(f"sketch + refine p = {args.sketch_refine}: top-{len(r_lam)} Ritz values max relative difference "
-                  f"{float(np.max(np.abs(r_lam - lam_f[: len(r_lam)]) / np.abs(lam_f[: len(r_lam)]))):.3e}; principal "
-                  "angles " + ", ".join(f"{a:.3f}" for a in r_angles) + f"; P φ ‖refined − full‖ / ‖full‖ = {r_p:.3e}")
-            t_ref = s["t_total"] + s["t_refine"]
-            print(f"RATIO time full / (sketch + refine) = {f['t_total'] / t_ref:.2f}; without making the synthetic "
-                  f"gradients {f['t_store_work'] / (t_ref - s['t_generation'] - s['t_refine_generation']):.2f}")
         print(f"RATIO disk full / sketch = {f['disk_bytes'] / s['disk_bytes']:.1f}")
         print(f"RATIO time full / sketch (statistics + eigen + projection) = {f['t_total'] / s['t_total']:.2f}")
         print(f"RATIO time full / sketch (statistics only) = {f['t_statistics'] / s['t_statistics']:.2f}")

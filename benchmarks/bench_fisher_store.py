@@ -8,12 +8,9 @@ disk, the Gram's true relative error and the store's own estimate, the top-k eig
 angles between the top-k safety subspaces (measured in parameter space with the exact Gram), the best
 Rayleigh quotients each subspace reaches under the exact Fisher (over the exact λ), and the relative
 difference of the projected update ``P φ`` (what ``residual``/``layerwise`` blend in).
-``--sketch-refine p`` adds, for each sketch store, a row with ``sketch_refine = p`` on the same (cached)
-sketch: the subspace and ``P φ`` re-solved within the sketched top-p directions (a weighted pass with an
-N × p β and a per-sample products pass); its eigenvalues are the Ritz values.
 
     python benchmarks/bench_fisher_store.py --utility runs/A5 --utility runs/A6 --safety runs/A7
-    python benchmarks/bench_fisher_store.py ... --sketch-dims 512,2048,8192 --k 10 --sketch-refine 40
+    python benchmarks/bench_fisher_store.py ... --sketch-dims 512,2048,8192 --k 10
 
 Adapters default to the newest ``A5-*``, ``A6-*``, ``A7-*`` of a demo run's ``adapters/`` (``--run``).
 """
@@ -55,7 +52,6 @@ def main() -> None:
     ap.add_argument("--safety", default=None)
     ap.add_argument("--run", default="runs/demo", help="a demo run folder to take the adapters from")
     ap.add_argument("--sketch-dims", default="256,2048,8192")
-    ap.add_argument("--sketch-refine", type=int, default=0, help="also each sketch with sketch_refine = p (0: no)")
     ap.add_argument("--max-samples", type=int, default=64)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--eps", type=float, default=1e-3, help="relative damping ε (the merge default)")
@@ -70,11 +66,7 @@ def main() -> None:
     phi = flat_phi(safety)
     configs = [("full float32", dict(store="full", store_dtype="float32")),
                ("full bfloat16", dict(store="full", store_dtype="bfloat16"))]
-    for m in args.sketch_dims.split(","):
-        configs.append((f"sketch m={m}", dict(store="sketch", sketch_dim=int(m))))
-        if args.sketch_refine:  # same cache entry (refine is not part of the key): only the two passes run
-            configs.append((f"m={m} refine={args.sketch_refine}",
-                            dict(store="sketch", sketch_dim=int(m), sketch_refine=args.sketch_refine)))
+    configs += [(f"sketch m={m}", dict(store="sketch", sketch_dim=int(m))) for m in args.sketch_dims.split(",")]
     print(f"base {args.base}; {len(utility)} utility adapter(s); D = {sum(v.numel() for v in phi.values()):,} "
           f"({len(phi)} modules); k = {args.k}, ε = {args.eps}; torch threads {torch.get_num_threads()}")
     rows = []
@@ -90,7 +82,7 @@ def main() -> None:
             proj = project_safety(fr, phi, k=args.k, scope="global", estimator="empirical", eps=args.eps, clamp_k=True)
             t_proj = time.perf_counter() - t0
             K = fr.stats.gram_total
-            lam = np.asarray(proj.spectra["global"][: args.k])  # the Ritz values when refined
+            lam = np.asarray(proj.spectra["global"][: args.k])
             P = torch.cat([proj.P_phi[m] for m in sorted(proj.P_phi)])
             store = fr.meta["store"]
             r = {"name": name, "t_pass": t_pass if not fr.meta.get("cache_hit") else float("nan"), "t_proj": t_proj,

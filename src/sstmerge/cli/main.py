@@ -461,7 +461,7 @@ def methods(name: str | None) -> None:
         click.echo("\ncommon options (every method): --safety-weight, --utility-coefficients, --utility-weights, "
                    "--layer-weights, --recompress-rank, --dtype, --seed; the Fisher methods also take --harmful-data, "
                    "--benign-data, --max-samples, --max-length, --fisher-batch-size, --fisher-device, --fisher-dtype, "
-                   "--fisher-store, --sketch-dim, --sketch-seed, --sketch-refine, --fisher-store-dtype")
+                   "--fisher-store, --sketch-dim, --sketch-seed, --fisher-store-dtype")
 
 
 @cli.command("prepare-base")

@@ -184,18 +184,6 @@ def iter_weighted_gradient_sums(
         yield rows, out
 
 
-def iter_per_sample_products(
-    model, layers: dict[str, LoraLayer], encoded: Sequence[dict], V: Mapping[str, torch.Tensor],
-    indices: Sequence[int], batch_size: int, pad_id: int = 0,
-) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-    """Yield ``(rows, {m: G_m[rows] V_m})`` ((B, p) float64 on the CPU): the per-sample gradients' inner products
-    with p directions ``V[m]`` (D_m, p), from the batched per-sample pass (each g_i lives for one batch). The
-    Rayleigh–Ritz refinement of a sketched subspace needs ``G V`` exactly."""
-    for rows in _length_batches(encoded, indices, batch_size):
-        grads = batched_per_sample_gradients(model, {m: layers[m] for m in V}, [encoded[i] for i in rows], pad_id)
-        yield rows, {m: (grads[m].double() @ V_m.to(grads[m].device, torch.float64)).cpu() for m, V_m in V.items()}
-
-
 def looped_per_sample_gradients(
     model, layers: dict[str, LoraLayer], encoded: Sequence[dict]
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:

@@ -55,7 +55,7 @@ from ..linalg.projection import project_block
 from ..linalg.sketch import gram_error_from_halves, module_sketch_width, sketch_halves, sketch_module
 from .accumulate import RowAccumulator
 from .distributed import Dist, init_from_env
-from .gradients import iter_batched_gradients, iter_per_sample_products, iter_weighted_gradient_sums
+from .gradients import iter_batched_gradients, iter_weighted_gradient_sums
 from .point import flat_phi, load_fisher_point, module_layout
 from .stats import FisherStats, StatsWriter, compute_stats
 from .store import GradientStore
@@ -97,10 +97,6 @@ class FisherSettings(BaseModel):
     sketch_dim: int = Field(2048, ge=2, description="sketch store: columns per module (m); a module with at most m "
                             "coordinates is kept exactly. The Gram's error falls as 1/sqrt(m × modules)")
     sketch_seed: int = Field(0, description="sketch store: seed of the hash functions")
-    sketch_refine: int = Field(
-        0, ge=0, description="sketch store, global scope: refine the top-k subspace by Rayleigh–Ritz over this many "
-        "candidate directions of the sketched problem (exact G V by two more passes over the data; the subspace is "
-        "then exact within their span). 0: off")
     store_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="element type of the store on disk; auto: float32 for the full store (exact), "
         "bfloat16 for the sketch store (half the disk, so twice the columns for the same bytes; its rounding is "
@@ -108,7 +104,7 @@ class FisherSettings(BaseModel):
         "(docs/performance.md)")
 
 
-NOT_IN_KEY = {"checkpoint_every", "batch_size", "device", "harmful_data", "benign_data", "sketch_refine"}
+NOT_IN_KEY = {"checkpoint_every", "batch_size", "device", "harmful_data", "benign_data"}
 #: store settings enter the key only as resolved and when they change the result (old entries keep their key)
 STORE_FIELDS = {"store", "sketch_dim", "sketch_seed", "store_dtype"}
 
@@ -156,8 +152,6 @@ class FisherRun:
     sketch_dim: int = 0
     sketch_seed: int = 0
     backward: Callable[[Mapping[str, np.ndarray]], dict[str, torch.Tensor]] | None = None
-    products: Callable[[Mapping[str, torch.Tensor]], dict[str, np.ndarray]] | None = None
-    refine: int = 0
 
     def combine(self, betas: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """``{m: G_mᵀ β_m}`` (D_m,) float64 for the modules in ``betas`` (each β_m (N,)): from the store's column
@@ -168,21 +162,6 @@ class FisherRun:
             return self.backward(betas)
         return {m: torch.cat([project_block(C, beta) for _, _, C in self.store.iter_column_chunks(m)])
                 for m, beta in betas.items()}
-
-    def G_matmul(self, V: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        """``{m: G_m V_m}`` (N, p) float64, exact, for directions ``V[m]`` (D_m, p): from the store's column chunks
-        (full), or by a per-sample pass over the data (sketch; each g_i lives for one batch)."""
-        if self.kind == "sketch":
-            if self.products is None:
-                raise FisherError("this sketched Fisher run has no model attached for the per-sample pass")
-            return self.products(V)
-        out = {}
-        for m, V_m in V.items():
-            acc = np.zeros((self.stats.n_harm + self.stats.n_benign, V_m.shape[1]))
-            for lo, hi, C in self.store.iter_column_chunks(m):
-                acc += (C.double() @ V_m[lo:hi].double()).numpy()
-            out[m] = acc
-        return out
 
     def G_times(self, module: str, x: torch.Tensor) -> np.ndarray:
         """``G_m x`` (N,) for a vector x of module m's parameters: exact from the full store; from the sketches
@@ -373,10 +352,7 @@ def compute_fisher(
     if kind == "sketch":
         def backward(betas: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
             return weighted_pass(base, utility, coefficients, safety, settings, folder, betas, dist=dist)
-
-        def products(V: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-            return products_pass(base, utility, coefficients, safety, settings, V, dist=dist)
-        run.backward, run.products, run.refine = backward, products, settings.sketch_refine
+        run.backward = backward
     return run
 
 
@@ -657,29 +633,3 @@ def weighted_pass(
 def _unflatten(flat: Mapping[str, torch.Tensor], cols: Mapping[str, int]) -> dict[str, torch.Tensor]:
     """Weighted sums as stored (flat) → (D_m,) for a vector β, (p, D_m) for an (N, p) β."""
     return {m: t.reshape(cols[m], -1) if cols[m] else t for m, t in flat.items()}
-
-
-def products_pass(
-    base: BaseModelInfo, utility: Sequence[LoraAdapter], coefficients: Sequence[float], safety: LoraAdapter,
-    settings: FisherSettings, V: Mapping[str, torch.Tensor], *, dist: Dist | None = None,
-) -> dict[str, np.ndarray]:
-    """``{m: G_m V_m}`` (N, p) float64 by one per-sample pass over the Fisher pass's examples (the batched
-    per-sample gradients, each kept for one batch; :func:`~sstmerge.fisher.gradients.iter_per_sample_products`).
-    One pass, not checkpointed (its output is N × p); under ``torchrun`` rows are sharded and summed."""
-    dist = dist or init_from_env(settings.device)
-    harmful, benign = _examples(settings)
-    n = len(harmful) + len(benign)
-    model, tokenizer, layers = load_fisher_point(base, utility, coefficients, safety, device=dist.device,
-                                                 dtype=settings.dtype)
-    encoded = [encode_example(tokenizer, e, settings.max_length) for e in harmful + benign]
-    mine = [i for i in range(n) if i % dist.world_size == dist.rank]
-    out = {m: np.zeros((n, V_m.shape[1])) for m, V_m in V.items()}
-    bar = tqdm(total=len(mine), desc="per-sample pass G V", unit="ex", disable=quiet() or not dist.is_main)
-    for rows, prods in iter_per_sample_products(model, layers, encoded, V, mine, settings.batch_size):
-        for m, P in prods.items():
-            out[m][rows] = P.numpy()
-        bar.update(len(rows))
-    bar.close()
-    del model, layers
-    gc.collect()
-    return {m: dist.all_reduce_sum(a) for m, a in out.items()}

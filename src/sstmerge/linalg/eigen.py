@@ -280,8 +280,8 @@ def diagonal_scores(F_harm_diag: np.ndarray, F_benign_diag: np.ndarray, eps: flo
 
 def rayleigh_ritz(GV: np.ndarray, VtV: np.ndarray, n_harm: int, k: int, delta: float,
                   rel_tol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k solutions of ``F_harm u = μ (F_benign + δI) u`` restricted to ``span(V)`` (V: D × p, e.g. the
-    candidate directions of a sketched eigenproblem), from exact products only::
+    """Top-k solutions of ``F_harm u = μ (F_benign + δI) u`` restricted to ``span(V)`` (V: D × p, e.g. a
+    subspace found from an approximate Fisher), from exact products only::
 
         u = V w,   H w = μ B w,   H = (GV)_hᵀ (GV)_h / N_h,   B = (GV)_bᵀ (GV)_b / N_b + δ VᵀV
 
@@ -289,7 +289,8 @@ def rayleigh_ritz(GV: np.ndarray, VtV: np.ndarray, n_harm: int, k: int, delta: f
     The Ritz values μ are the exact Rayleigh quotients of the returned directions (each ≤ the true λ_i), and
     when span(V) holds the true top-k eigenvectors they are recovered exactly, whatever error the candidates'
     statistics had. Directions of V that are numerically dependent are dropped first. Returns ``(μ (k',),
-    W (p, k'))``, k' = min(k, rank), μ descending, W B-orthonormal.
+    W (p, k'))``, k' = min(k, rank), μ descending, W B-orthonormal. The benchmarks use it to score a sketched
+    subspace under the exact Fisher (``benchmarks/bench_eigen_scale.exact_ritz_values``).
     """
     GV, VtV = np.asarray(GV, dtype=np.float64), np.asarray(VtV, dtype=np.float64)
     N, p = GV.shape
@@ -304,10 +305,3 @@ def rayleigh_ritz(GV: np.ndarray, VtV: np.ndarray, n_harm: int, k: int, delta: f
     mu, C = scipy.linalg.eigh(0.5 * (H + H.T), 0.5 * (B + B.T))
     order = np.argsort(mu)[::-1][: min(k, len(mu))]
     return mu[order], T @ C[:, order]
-
-
-def ritz_projection_coefficients(W: np.ndarray, VtV: np.ndarray, Vt_phi: np.ndarray) -> np.ndarray:
-    """``c`` (p,) with ``P φ = V c``: the orthogonal projection of φ onto ``span(V W)``,
-    ``c = W (Wᵀ VᵀV W)⁺ Wᵀ Vᵀφ``; ``Vt_phi`` (p,) = Vᵀφ (= Aᵀ G φ when V = Gᵀ A)."""
-    M = W.T @ VtV @ W
-    return W @ (np.linalg.pinv(0.5 * (M + M.T)) @ (W.T @ Vt_phi))

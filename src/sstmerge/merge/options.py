@@ -42,7 +42,6 @@ FISHER_KEYS: dict[str, str] = {
     "fisher_store": "store",
     "sketch_dim": "sketch_dim",
     "sketch_seed": "sketch_seed",
-    "sketch_refine": "sketch_refine",
     "fisher_store_dtype": "store_dtype",
 }
 

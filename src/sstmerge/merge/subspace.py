@@ -28,9 +28,7 @@ from ..linalg.eigen import (
     diagonal_scores,
     eigen_coordinates,
     generalized_eigenbasis_from_gram,
-    rayleigh_ritz,
     removal_coefficients,
-    ritz_projection_coefficients,
     safety_subspace_from_gram,
 )
 from ..linalg.projection import span_coefficients, topk_mask
@@ -91,10 +89,7 @@ def project_safety(
     for scope_name, members in _groups(stats.modules, scope).items():
         dim = sum(stats.dim(m) for m in members)
         where = f"scope {scope_name}"
-        if estimator == "empirical" and run.kind == "sketch" and run.refine and scope == "global":
-            _refined_projection(run, out, members, k, dim=dim, eps=eps, clamp_k=clamp_k, k_rule=k_rule,
-                                k_mass=k_mass)
-        elif estimator == "empirical":
+        if estimator == "empirical":
             K = stats.gram_total if scope == "global" else sum(stats.gram[m] for m in members)
             sub = safety_subspace_from_gram(K, stats.n_harm, k, dim=dim, eps=eps, clamp_k=clamp_k, where=where,
                                             k_rule=k_rule, k_mass=k_mass)
@@ -134,42 +129,6 @@ def project_safety(
     if betas:
         out.P_phi.update(run.combine(betas))  # G_mᵀ β: store column chunks, or the weighted backward pass
     return out
-
-
-def _refined_projection(run: FisherRun, out: Projection, members: list[str], k: int | str, *, dim: int, eps: float,
-                        clamp_k: bool, k_rule: str, k_mass: float) -> None:
-    """Global scope of a sketch store with ``sketch_refine = p``: the top-p directions of the sketched problem,
-    ``V = Gᵀ A`` (weighted pass), exact ``G V`` (per-sample pass), then Rayleigh–Ritz within span(V)
-    (:func:`~sstmerge.linalg.eigen.rayleigh_ritz`): the k directions and ``P φ`` are exact within that span,
-    whatever error the sketched Gram had. Fills ``out`` (the spectrum reported is the Ritz values)."""
-    stats = run.stats
-    K = stats.gram_total
-    basis = generalized_eigenbasis_from_gram(K, stats.n_harm, dim=dim, eps=eps, where="scope global (sketched)")
-    available = basis.positive
-    k_num = choose_k(basis.eigenvalues[:available], k_rule, k_mass, "global") if k == "auto" else k
-    if k_num > available and not clamp_k:
-        raise FisherError(f"scope global: k={k_num} but only {available} positive eigenvalues; use k <= {available} "
-                          "or --clamp-k")
-    k_eff = min(k_num, available)
-    p = max(min(run.refine, basis.rank), k_eff)
-    A = basis.coef[:, :p]  # (N, p): candidates v_i = Gᵀ a_i
-    V = run.combine({m: A for m in members})  # {m: (p, D_m)} exact, weighted pass
-    GV_m = run.G_matmul({m: V[m].T.contiguous() for m in members})  # {m: (N, p)} exact, per-sample pass
-    GV = sum(GV_m.values())
-    VtV = sum((V[m] @ V[m].T).numpy() for m in members)  # (p, p)
-    G_phi = sum(stats.G_phi[m] for m in members)
-    # δ = ε tr(F_benign) / D, exactly: tr(F_benign) is the sum of the (exact) diagonal Fisher, not the sketch's
-    delta = eps * sum(float(np.sum(stats.diag_benign[m])) for m in members) / dim
-    mu, W = rayleigh_ritz(GV, VtV, stats.n_harm, k_eff, delta)
-    c = ritz_projection_coefficients(W, VtV, A.T @ G_phi)  # P φ = V c; Vᵀφ = Aᵀ G φ exactly
-    for m in members:
-        out.P_phi[m] = V[m].T @ torch.as_tensor(c, dtype=torch.float64)
-        out.G_P[m] = GV_m[m] @ c
-    out.spectra["global"] = mu.tolist()
-    out.effective_k["global"] = len(mu)
-    out.damping["global"] = delta
-    out.available_rank["global"] = available
-    out.basis_coef["global"] = A @ W  # the Ritz vectors V W = Gᵀ (A W)
 
 
 @dataclass
