@@ -64,6 +64,15 @@ def test_weighted_backward_equals_the_stores_combination(point, batch_size):
         ref = beta @ G[m]  # (D_m,)
         torch.testing.assert_close(got[m], ref, rtol=1e-4, atol=1e-5 * float(G[m].abs().max()))
     assert all(layer.A.weight.grad is None and layer.B.weight.grad is None for layer in layers.values())
+    # the hooks' path the weighted pass runs (one β per module) agrees with this autograd reference
+    from sstmerge.fisher.gradients import iter_weighted_gradient_sums
+
+    hooked = {m: 0 for m in layers}
+    for _, sums in iter_weighted_gradient_sums(model, layers, encoded, {m: beta.double() for m in layers},
+                                               range(len(encoded)), batch_size):
+        hooked = {m: hooked[m] + sums[m] for m in layers}
+    for m in layers:
+        torch.testing.assert_close(hooked[m].float(), got[m], rtol=1e-4, atol=1e-5 * float(G[m].abs().max()))
     with pytest.raises(ValueError, match="2 weights for"):
         weighted_gradient_sum(model, layers, encoded, [1.0, 2.0], batch_size)
 

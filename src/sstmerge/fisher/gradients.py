@@ -123,8 +123,10 @@ def weighted_gradient_sum(
 
     one ordinary backward per batch of the β-weighted log-likelihood, asked for the LoRA factors' weights only
     (``torch.autograd.grad``: nothing accumulates in ``.grad``), in the layout of :func:`batched_per_sample_gradients`
-    (``[vec(∂/∂A); vec(∂/∂B)]``). Examples with β_i = 0 are skipped. This maps coefficients found in the Gram's
-    span (the eigenproblem's) back to parameter space with no gradient store (issue #16).
+    (``[vec(∂/∂A); vec(∂/∂B)]``). Examples with β_i = 0 are skipped.
+
+    Reference for :func:`iter_weighted_gradient_sums` (what the weighted pass runs: one β per module, resumable
+    batches), by plain autograd through the factors' weights instead of the per-sample pass's hooks.
     """
     if len(weights) != len(encoded):
         raise ValueError(f"weighted_gradient_sum: {len(weights)} weights for {len(encoded)} examples")
