@@ -360,3 +360,26 @@ def test_rayleigh_ritz_recovers_the_exact_subspace_from_any_spanning_candidates(
             assert np.all(mu <= exact.eigenvalues[:k] * (1 + 1e-9)) and mu[0] > 0
     with pytest.raises(FisherError, match="rayleigh_ritz"):
         rayleigh_ritz(np.ones((4, 2)), np.eye(3), 2, 1, 1.0)
+
+
+def test_weighted_pass_refuses_data_changed_since_the_first_pass(tiny_base, tmp_path, pair):
+    """The weighted pass reloads the examples; a data file edited after the first pass would silently give Gᵀβ over
+    other examples. It is an error naming the file; the same file again works."""
+    import shutil
+
+    from sstmerge.data.jsonl import resolve_data
+
+    defaults = FisherSettings()
+    harmful, benign = tmp_path / "harmful.jsonl", tmp_path / "benign.jsonl"
+    shutil.copy(resolve_data(defaults.harmful_data), harmful)
+    shutil.copy(resolve_data(defaults.benign_data), benign)
+    sk = fisher(tiny_base, pair, tmp_path / "cache", store="sketch", sketch_dim=64, harmful_data=str(harmful),
+                benign_data=str(benign))
+    beta = {sk.stats.modules[0]: np.linspace(-1.0, 1.0, 12)}
+    original = benign.read_bytes()
+    lines = original.decode().splitlines(keepends=True)
+    benign.write_text("".join(reversed(lines)))  # same examples, another order: other rows
+    with pytest.raises(FisherError, match=r"benign_data .*benign\.jsonl changed since the Fisher pass"):
+        sk.combine(beta)
+    benign.write_bytes(original)
+    assert float(sk.combine(beta)[sk.stats.modules[0]].norm()) > 0

@@ -293,6 +293,11 @@ def _remove_stale_temps(folder: Path) -> None:
         log.warning("removed %s, left by an interrupted Fisher run", p)
 
 
+def _data_digests(settings: FisherSettings) -> dict[str, str]:
+    return {"harmful_data": sha256_file(resolve_data(settings.harmful_data)),
+            "benign_data": sha256_file(resolve_data(settings.benign_data))}
+
+
 def _examples(settings: FisherSettings) -> tuple[list, list]:
     harmful = load_examples(resolve_data(settings.harmful_data), max_samples=settings.max_samples, seed=settings.seed)
     benign = load_examples(resolve_data(settings.benign_data), max_samples=settings.max_samples, seed=settings.seed)
@@ -350,8 +355,11 @@ def compute_fisher(
     finally:
         lock.release()
     if kind == "sketch":
+        data_digests = _data_digests(settings)  # the examples the first pass saw (the key has the same digests)
+
         def backward(betas: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-            return weighted_pass(base, utility, coefficients, safety, settings, folder, betas, dist=dist)
+            return weighted_pass(base, utility, coefficients, safety, settings, folder, betas, dist=dist,
+                                 data_digests=data_digests)
         run.backward = backward
     return run
 
@@ -558,6 +566,7 @@ def _beta_digest(betas: Mapping[str, np.ndarray]) -> str:
 def weighted_pass(
     base: BaseModelInfo, utility: Sequence[LoraAdapter], coefficients: Sequence[float], safety: LoraAdapter,
     settings: FisherSettings, folder: Path, betas: Mapping[str, np.ndarray], *, dist: Dist | None = None,
+    data_digests: Mapping[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{m: G_mᵀ β_m}`` (D_m,) float64 by one β-weighted backward pass over the Fisher pass's examples
     (:func:`~sstmerge.fisher.gradients.iter_weighted_gradient_sums`): exact, no per-sample gradient kept.
@@ -565,6 +574,8 @@ def weighted_pass(
     Resumable and cached in ``folder/weighted/<digest of β>``: batch sums are checkpointed with their rows
     (:class:`~sstmerge.fisher.accumulate.RowAccumulator`), the finished result is saved and reused by any later
     merge asking the same β. Under ``torchrun`` the rows are sharded and every process gets the result.
+    ``data_digests`` (``{"harmful_data": sha256, "benign_data": sha256}`` of the files the first pass read): a
+    data file changed since then is an error, since the pass must run over the same examples.
     """
     dist = dist or init_from_env(settings.device)
     layout = module_layout(safety)
@@ -586,6 +597,12 @@ def weighted_pass(
         except Exception as exc:  # a damaged result is rebuilt (from its parts where they are whole)
             log.warning("%s is damaged (%s): rebuilding the weighted pass's result", result, exc)
             result.unlink(missing_ok=True)
+    if data_digests is not None:
+        for name, digest in _data_digests(settings).items():
+            if digest != data_digests[name]:
+                raise FisherError(f"weighted pass: {name} {resolve_data(getattr(settings, name))} changed since the "
+                                  "Fisher pass read it; the pass needs the same examples. Restore the file, or run "
+                                  "the merge again (a new Fisher entry is computed for the new data)")
     harmful, benign = _examples(settings)
     n = len(harmful) + len(benign)
     beta_t = {m: torch.as_tensor(np.asarray(betas[m], dtype=np.float64)) for m in sizes}
