@@ -28,6 +28,12 @@ relative error and its estimate; the top eigenvalues; the principal angles betwe
     python benchmarks/bench_eigen_scale.py                  # 8B shapes, N = 2000 (~45 min on 2 cores)
     python benchmarks/bench_eigen_scale.py --layers 1 --n-harm 100 --n-benign 100     # a quick look
     python benchmarks/bench_eigen_scale.py --stores sketch --sketch-dim 2048           # one store only
+    python benchmarks/bench_eigen_scale.py --save-dir runs/bench8b                      # keep each store's result
+    python benchmarks/bench_eigen_scale.py --stores sketch --sketch-dim 24576 --full-from runs/bench8b
+
+``--full-from DIR`` compares a sketch against the full store's result saved by an earlier run
+(``--save-dir``) instead of recomputing it (the full store takes most of an hour at 8B shape): the errors
+and angles are exact comparisons; the time and RSS ratios then come from two runs, which the output says.
 
 Also printed: the best Rayleigh quotients the sketched top-k subspace reaches under the *exact* Fisher, over
 the exact λ (``exact_ritz_values``). An earlier version also ran ``--sketch-refine p`` (Rayleigh–Ritz within
@@ -41,6 +47,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -198,7 +205,8 @@ def child(args) -> None:
     N = args.n_harm + args.n_benign
     src = SyntheticGradients(layout, args.n_harm, args.n_benign)
     phi = _phi(layout)
-    out = {"store": args.child}
+    out = {"store": args.child, "shape": {"layers": args.layers, "rank": args.rank, "n_harm": args.n_harm,
+                                          "n_benign": args.n_benign, "D": D}}
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix=f"sstmerge-bench-{args.child}-") as tmp:
         t0 = time.perf_counter()
         if args.child == "full":
@@ -263,6 +271,9 @@ def main() -> None:
     ap.add_argument("--sketch-dim", type=int, default=2048, help="sketch columns per module (m)")
     ap.add_argument("--stores", default="full,sketch", help="which stores to run (comma-separated)")
     ap.add_argument("--workdir", default=None, help="where the temporary files go (default: the temp dir)")
+    ap.add_argument("--save-dir", default=None, help="also keep each store's result (npz + json) in this folder")
+    ap.add_argument("--full-from", default=None,
+                    help="a folder with full.npz/full.json from an earlier --save-dir run: compare against it")
     ap.add_argument("--child", choices=["full", "sketch"], help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -278,8 +289,18 @@ def main() -> None:
           f"the gradient matrix would be {N * D * 4 / 2**30:.1f} GiB in float32; sketch m = {args.sketch_dim} per module")
     print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     res, npz = {}, {}
+    shape = {"layers": args.layers, "rank": args.rank, "n_harm": args.n_harm, "n_benign": args.n_benign, "D": D}
+    stores = [s for s in args.stores.split(",") if not (args.full_from and s == "full")]
+    if args.full_from:
+        ref = Path(args.full_from)
+        res["full"] = json.loads((ref / "full.json").read_text())
+        npz["full"] = dict(np.load(ref / "full.npz"))
+        if res["full"].get("shape", shape) != shape:
+            raise SystemExit(f"--full-from {ref}: saved for {res['full']['shape']}, this run is {shape}")
+        print(f"[full  ] from {ref} (an earlier run{'' if 'shape' in res['full'] else '; its shape was not recorded'}): "
+              "time and RSS ratios below compare two runs")
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="sstmerge-bench-eigen-") as tmp:
-        for store in args.stores.split(","):
+        for store in stores:
             path = Path(tmp) / f"{store}.npz"
             cmd = [sys.executable, __file__, "--child", store, "--result", str(path)]
             for flag in ("layers", "rank", "n_harm", "n_benign", "k", "sketch_dim", "workdir"):
@@ -288,6 +309,10 @@ def main() -> None:
             subprocess.run(cmd, check=True)
             res[store] = json.loads(path.with_suffix(".json").read_text())
             npz[store] = dict(np.load(path))
+            if args.save_dir:
+                Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+                for suffix in (".npz", ".json"):
+                    shutil.copyfile(path.with_suffix(suffix), Path(args.save_dir) / f"{store}{suffix}")
             r = res[store]
             print(f"[{store:6s}] statistics {r['t_statistics']:.1f} s, eigenproblem {r['t_eigen']:.2f} s, "
                   f"projection pass {r['t_projection']:.1f} s, total {r['t_total']:.1f} s (of which making the "
