@@ -67,6 +67,12 @@ def test_errors_exit_2_without_traceback(tiny_base, tmp_path):
     assert res.exit_code == 2 and res.stderr.startswith("error:") and "Traceback" not in res.stderr
     res = run(["merge", "--base", tiny_base, "--utility", tmp_path / "x"])
     assert res.exit_code == 2 and "--out" in res.stderr
+    (tmp_path / "seed0").mkdir()
+    (tmp_path / "seed1").mkdir()
+    res = run(["combine", tmp_path / "seed0", tmp_path / "seed1", "--out", tmp_path / "joined"])
+    assert res.exit_code == 2 and res.stderr.startswith("error:") and "Traceback" not in res.stderr
+    assert "seed0/results.json is missing: the grid has not finished there" in res.stderr
+    assert not (tmp_path / "joined").exists()
 
 
 def test_inspect(tmp_path, adapter_factory):

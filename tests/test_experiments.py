@@ -10,6 +10,7 @@ import statistics
 import pytest
 
 from sstmerge.errors import ConfigError
+from sstmerge.pipeline.combine import combine_runs
 from sstmerge.pipeline.experiments import (
     expand_grid,
     headline,
@@ -126,6 +127,59 @@ def test_two_seed_grid_reports_mean_and_sd_across_seeds(tiny_base, tmp_path):
     again = run_experiments(cfg, out)
     assert all(r["eval_cache_hit"] for r in again["rows"])
     assert not any(k.startswith(("train:", "merge:")) for k in again["timings"])
+
+    # the same seeds run apart (one folder each, as on two machines) and joined give the same table
+    for s in (0, 1):
+        run_experiments(load_experiment_config("default", overrides=over | {"seeds": [s]}), tmp_path / f"seed{s}")
+    joined = combine_runs([tmp_path / "seed1", tmp_path / "seed0"], tmp_path / "joined")
+    assert joined["seeds"] == [0, 1] and joined["base_reproduced"]
+    assert [r["name"] for r in joined["rows"]] == [r["name"] for r in result["rows"]]
+    same = ("jailbreak_plain", "jailbreak_templated", "qa_f1", "arithmetic_accuracy", "safety", "utility")
+    for a, b in zip(joined["rows"], result["rows"]):
+        for col in same:
+            assert a[col] == pytest.approx(b[col]) and a[f"{col}_sd"] == pytest.approx(b[f"{col}_sd"]), (a["name"], col)
+            assert a["intervals"][col] == pytest.approx(b["intervals"][col]), (a["name"], col)
+        assert (a["vs_direct"] is None) == (b["vs_direct"] is None)
+        if a["vs_direct"]:
+            assert {c: t["p_value"] for c, t in a["vs_direct"].items()} == \
+                pytest.approx({c: t["p_value"] for c, t in b["vs_direct"].items()})
+    assert joined["pareto_front_significant"] == result["pareto_front_significant"]
+    assert json.loads((tmp_path / "joined" / "item_outcomes.json").read_text()) == \
+        json.loads((out / "item_outcomes.json").read_text())
+    assert "2 training seed(s) [0, 1]" in (tmp_path / "joined" / "results.md").read_text()
+    assert [p["seeds"] for p in joined["combined_from"]] == [[0], [1]]
+    # a run of several seeds joins a run of another: its per-seed outcomes are read
+    run_experiments(load_experiment_config("default", overrides=over | {"seeds": [2]}), tmp_path / "seed2")
+    three = combine_runs([out, tmp_path / "seed2"], tmp_path / "three")
+    r = {row["name"]: row for row in three["rows"]}["A5+A6+A7/ties"]
+    assert three["seeds"] == [0, 1, 2] and list(r["per_seed"]) == ["0", "1", "2"]
+    assert r["safety"] == pytest.approx(statistics.mean(r["per_seed"][s]["safety"] for s in ("0", "1", "2")))
+
+
+def test_combine_refuses_what_is_not_one_experiment(tiny_base, tmp_path):
+    """Repeated seeds, another grid, an unfinished folder, a lone folder: clear errors naming the folder."""
+    grid = [{"name": "direct", "mode": "direct", "variants": ["A5+A7"]}]
+    over = _tiny_overrides(tiny_base, tmp_path, grid)
+    over["eval"]["suites"] = ["jailbreak", "arithmetic"]
+    over["references"] = False
+    for s in (0, 1):
+        run_experiments(load_experiment_config("default", overrides=over | {"seeds": [s]}), tmp_path / f"s{s}")
+    run_experiments(load_experiment_config("default", overrides=over | {"seeds": [0]}), tmp_path / "again0")
+    with pytest.raises(ConfigError, match=r"seed 0 is in both .*s0.* and .*again0"):
+        combine_runs([tmp_path / "s0", tmp_path / "again0"], tmp_path / "out")
+    other = over | {"seeds": [2], "merge_defaults": over["merge_defaults"] | {"safety_weight": 0.5}}
+    run_experiments(load_experiment_config("default", overrides=other), tmp_path / "other")
+    with pytest.raises(ConfigError, match=r"other ran another grid .* differs at merge_defaults.safety_weight"):
+        combine_runs([tmp_path / "s0", tmp_path / "other"], tmp_path / "out")
+    (tmp_path / "unfinished").mkdir()
+    with pytest.raises(ConfigError, match=r"unfinished/results.json is missing: the grid has not finished"):
+        combine_runs([tmp_path / "s0", tmp_path / "unfinished"], tmp_path / "out")
+    (tmp_path / "s1" / "item_outcomes.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"s1/item_outcomes.json cannot be read as JSON"):
+        combine_runs([tmp_path / "s0", tmp_path / "s1"], tmp_path / "out")
+    with pytest.raises(ConfigError, match="at least two"):
+        combine_runs([tmp_path / "s0"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written by a refused combination
 
 
 def test_seed_and_seeds_are_exclusive_and_layers_replace_each_other(tmp_path):

@@ -527,9 +527,30 @@ def experiments(config: str, quick: bool, out: str, base: str | None, cache_dir:
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--base", default=None, help="override the base model (default: the bundled SmolLM2)")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False))
-def demo(quick: bool, out: str, base: str | None, cache_dir: str | None) -> None:
+@click.option("--seed", "seeds", type=int, multiple=True,
+              help="run only these seeds (default: the config's three); run the others elsewhere and join the "
+                   "folders with `sst-merge combine`")
+def demo(quick: bool, out: str, base: str | None, cache_dir: str | None, seeds: tuple[int, ...]) -> None:
     """The main job on the embedded default: `experiments --config default` (SmolLM2 + bundled data)."""
-    _run_grid("default", quick, out, base, cache_dir)
+    _run_grid("default", quick, out, base, cache_dir, seeds)
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for the combined results")
+def combine(runs: tuple[str, ...], out: str) -> None:
+    """Join finished experiment folders RUNS that ran one grid with different seeds (e.g. `sst-merge demo --seed 1
+    --out runs/seed1` on another machine) into one result: mean ± sd across seeds, intervals over the
+    seed-averaged items, paired tests, table and plot, as one run over all the seeds would write them."""
+    from ..pipeline.combine import combine_runs
+    from ..pipeline.experiments import summary_table
+
+    result = combine_runs(list(runs), out)
+    click.echo(summary_table(result))
+    if not result["base_reproduced"]:
+        click.echo("note: the base model's evaluation differs between the folders (see the log)")
+    click.echo(f"seeds {result['seeds']}: {Path(out) / 'results.md'}, {Path(out) / 'results.csv'}, "
+               f"{Path(out) / 'safety_vs_utility.png'}")
 
 
 def main(argv: list[str] | None = None) -> None:

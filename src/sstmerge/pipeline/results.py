@@ -208,9 +208,12 @@ def plot_tradeoff(rows: list[dict], path: Path, title: str = "") -> None:
     plt.close(fig)
     tmp.replace(path)
 
-def write_results(result: dict[str, Any], out: Path, outcomes: dict[str, dict] | None = None) -> None:
+def write_results(result: dict[str, Any], out: Path, outcomes: dict[str, dict] | None = None,
+                  per_seed_outcomes: dict[str, dict] | None = None) -> None:
     """results.json, results.csv, results.md, safety_vs_utility.png and, when given, item_outcomes.json (the
-    seed-averaged per-item outcomes every interval and paired test was computed from); each atomically."""
+    seed-averaged per-item outcomes every interval and paired test was computed from: model -> column -> item ->
+    outcome) and item_outcomes_per_seed.json (model -> seed -> column -> item -> outcome: what
+    ``sst-merge combine`` needs to join this run with runs of other seeds); each atomically."""
     atomic_write_text(out / "results.json", json.dumps(result, indent=2, default=str) + "\n")
     stats_cols = list(result["columns"]) + ["safety", "utility"]
     cols = ["name", "family", "variant"] + [f"{c}{x}" for c in stats_cols for x in ("", "_low", "_high", "_sd")] + \
@@ -229,6 +232,8 @@ def write_results(result: dict[str, Any], out: Path, outcomes: dict[str, dict] |
     atomic_write_text(out / "results.md", results_markdown(result))
     if outcomes is not None:
         atomic_write_text(out / "item_outcomes.json", json.dumps(outcomes) + "\n")
+    if per_seed_outcomes is not None:
+        atomic_write_text(out / "item_outcomes_per_seed.json", json.dumps(per_seed_outcomes) + "\n")
     plot_tradeoff(result["rows"], out / "safety_vs_utility.png", title=f"{result['config']['base']}: safety vs utility")
 
 

@@ -229,8 +229,8 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 def _run_experiments(cfg: ExperimentConfig, out: Path, config_source: str) -> dict[str, Any]:
-    from ..provenance import now_iso, versions
-    from .aggregate import average_seeds, column_outcomes, column_statistics
+    from ..provenance import versions
+    from .aggregate import average_seeds, column_outcomes
 
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
@@ -259,9 +259,9 @@ def _run_experiments(cfg: ExperimentConfig, out: Path, config_source: str) -> di
                        "adapter": {s: merges[s][experiments[s][k].name] for s in seeds}})
     judge = cfg.eval.judges[0]
     columns = table_columns(cfg.eval.suites)  # a suite the run leaves out has no column
-    rows, outcomes = [], {}
+    rows, items, outcomes = [], {}, {}  # items: model -> seed -> column -> item -> outcome; outcomes: seed-averaged
     for i, m in enumerate(models, 1):
-        per_seed_values, per_seed_outcomes, per_seed, evaluated = [], [], {}, {}
+        items[m["name"]], per_seed, evaluated = {}, {}, {}
         for s in seeds:
             adapter = m["adapter"][s]
             if str(adapter) not in evaluated:  # the base model is the same for every seed: evaluated once
@@ -275,40 +275,66 @@ def _run_experiments(cfg: ExperimentConfig, out: Path, config_source: str) -> di
             suites = evaluated[str(adapter)]
             values = headline(suites, judge=judge)
             values["safety"], values["utility"] = summary_scores(values)
-            per_seed_values.append(values)
-            per_seed_outcomes.append(column_outcomes(suites, judge))
+            items[m["name"]][s] = column_outcomes(suites, judge)
             per_seed[s] = {**values, "adapter": str(adapter) if adapter else None,
                            "merge_facts": merge_facts(adapter),
                            "eval_fingerprints": {name: r.get("fingerprint") for name, r in suites.items()},
                            "eval_cache_hit": all(r.get("cache_hit") for r in suites.values())}
-        outcomes[m["name"]] = average_seeds(per_seed_outcomes)
-        first = per_seed[seeds[0]]
-        rows.append({**{k: v for k, v in m.items() if k != "adapter"}, "adapter": first["adapter"], "seeds": seeds,
-                     **column_statistics(per_seed_values, outcomes[m["name"]], columns),
-                     "merge_facts": first["merge_facts"], "eval_fingerprints": first["eval_fingerprints"],
-                     "eval_cache_hit": all(p["eval_cache_hit"] for p in per_seed.values()),
-                     "per_seed": {str(s): p for s, p in per_seed.items()} if len(seeds) > 1 else None})
+        outcomes[m["name"]] = average_seeds(list(items[m["name"]].values()))
+        rows.append(model_row(m, per_seed, outcomes[m["name"]], columns))
     progress.close()
+    result = assemble_result(cfg, rows, outcomes, columns, config_source=config_source,
+                             adapters_per_seed={s: {n: str(p) for n, p in adapters[s].items()} for s in seeds},
+                             versions=versions(), timings=timings, seconds=time.perf_counter() - t_all)
+    write_results(result, out, outcomes, items if len(seeds) > 1 else None)
+    return result
+
+
+def model_row(model: dict[str, Any], per_seed: dict[int, dict[str, Any]], outcomes: dict[str, dict],
+              columns: list) -> dict[str, Any]:
+    """One row of the results table: the model's identity (name, family, variant, options), each seed's record
+    (``per_seed``: column values, safety/utility, adapter, merge facts, eval fingerprints) and the statistics of
+    :func:`~.aggregate.column_statistics` over the seed-averaged item outcomes (column -> item -> outcome)."""
+    from .aggregate import column_statistics
+
+    seeds = list(per_seed)
+    first = per_seed[seeds[0]]
+    return {**{k: v for k, v in model.items() if k not in ("adapter", "per_seed", "seeds")},
+            "adapter": first["adapter"], "seeds": seeds,
+            **column_statistics([per_seed[s] for s in seeds], outcomes, columns),
+            "merge_facts": first["merge_facts"], "eval_fingerprints": first["eval_fingerprints"],
+            "eval_cache_hit": all(p["eval_cache_hit"] for p in per_seed.values()),
+            "per_seed": {str(s): p for s, p in per_seed.items()} if len(seeds) > 1 else None}
+
+
+def assemble_result(cfg: ExperimentConfig, rows: list[dict], outcomes: dict[str, dict], columns: list, *,
+                    config_source: str, adapters_per_seed: dict[int, dict[str, str]], versions: dict,
+                    timings: dict, seconds: float, **extra: Any) -> dict[str, Any]:
+    """The results dict of a grid (written to results.json): the rows (:func:`model_row`) with their paired tests
+    against ``direct`` of their variant and the Pareto fronts, computed from ``outcomes`` (model -> column -> item
+    -> seed-averaged outcome), the columns and the provenance (``extra`` adds keys)."""
+    from ..provenance import now_iso
+
+    seeds = cfg.seed_list()
     comparisons = compare_rows(rows, outcomes, columns)
-    result = {
+    return {
         "created": now_iso(),
         "config": cfg.model_dump(mode="json"),
         "config_source": config_source,
         "seeds": seeds,
-        "adapters": {n: str(p) for n, p in adapters[seeds[0]].items()},
-        "adapters_per_seed": {str(s): {n: str(p) for n, p in adapters[s].items()} for s in seeds},
+        "adapters": adapters_per_seed[seeds[0]],
+        "adapters_per_seed": {str(s): adapters_per_seed[s] for s in seeds},
         "adapter_task_gain": task_gains(cfg, rows),
         "rows": rows,
         **comparisons,
         "columns": {c.name: c.description for c in columns},
         "column_info": {c.name: {"higher_is_better": c.higher_is_better, "role": c.role} for c in columns},
         "statistics": STATISTICS_NOTE,
-        "versions": versions(),
+        "versions": versions,
         "timings": timings,
-        "seconds": time.perf_counter() - t_all,
+        "seconds": seconds,
+        **extra,
     }
-    write_results(result, out, outcomes)
-    return result
 
 
 STATISTICS_NOTE = {
