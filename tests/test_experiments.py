@@ -165,6 +165,7 @@ def test_combine_refuses_what_is_not_one_experiment(tiny_base, tmp_path):
     for s in (0, 1):
         run_experiments(load_experiment_config("default", overrides=over | {"seeds": [s]}), tmp_path / f"s{s}")
     run_experiments(load_experiment_config("default", overrides=over | {"seeds": [0]}), tmp_path / "again0")
+    assert combine_runs([tmp_path / "s0", tmp_path / "s1"], tmp_path / "pair")["base_reproduced"] is None  # no base row
     with pytest.raises(ConfigError, match=r"seed 0 is in both .*s0.* and .*again0"):
         combine_runs([tmp_path / "s0", tmp_path / "again0"], tmp_path / "out")
     other = over | {"seeds": [2], "merge_defaults": over["merge_defaults"] | {"safety_weight": 0.5}}

@@ -1,10 +1,12 @@
 """Every merge method reproduces the output it gave before the merge-pipeline refactor (issue #12).
 
 The golden inputs and outputs under ``tests/golden/`` were written once by ``tests/golden/make_golden.py``
-from the earlier code. Methods that do not run the model (direct, ties, dare_*, magnitude, safe_lora,
-safemerge) must give the same bytes; the Fisher-subspace modes (residual, layerwise, fisher_mask) run the
-model's forward/backward, whose float32 summation order may differ between library versions, and are
-compared to float tolerance (rtol 1e-5).
+from the earlier code. Methods that do not run the model and apply no LAPACK factorisation to the update
+(direct, ties, dare_*, magnitude, safemerge) must give the same bytes. Two kinds are compared to float
+tolerance (rtol 1e-5): the Fisher-subspace modes (residual, layerwise, fisher_mask) run the model's
+forward/backward, whose float32 summation order may differ between library versions; safe_lora projects the
+utility update onto a basis of ΔW_S's column space from a LAPACK factorisation, whose float32 rounding differs
+between CPUs (3e-8 relative, measured on a second machine of the same kind as the one that wrote the golden).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from sstmerge import merge_utility_safety
 GOLDEN = Path(__file__).resolve().parent / "golden"
 METHODS = sorted(p.name for p in (GOLDEN / "outputs").iterdir() if p.is_dir())
 FISHER_MODES = {"residual", "layerwise", "fisher_mask"}
+TOLERANT = FISHER_MODES | {"safe_lora"}  # compared to float tolerance (module docstring)
 
 
 def test_golden_covers_the_methods_of_the_time():
@@ -43,7 +46,7 @@ def test_method_reproduces_its_golden_output(method, stream, tmp_path):
     merge_utility_safety(inputs / "base", [inputs / "U1", inputs / "U2"], inputs / "S", out, cache_dir=tmp_path / "c",
                          stream=stream, **options)
     assert _config(out / "adapter_config.json") == _config(golden / "adapter_config.json")
-    if method not in FISHER_MODES:
+    if method not in TOLERANT:
         assert (out / "adapter_model.safetensors").read_bytes() == (golden / "adapter_model.safetensors").read_bytes()
         return
     got, want = load_file(out / "adapter_model.safetensors"), load_file(golden / "adapter_model.safetensors")

@@ -547,7 +547,7 @@ def combine(runs: tuple[str, ...], out: str) -> None:
 
     result = combine_runs(list(runs), out)
     click.echo(summary_table(result))
-    if not result["base_reproduced"]:
+    if result["base_reproduced"] is False:
         click.echo("note: the base model's evaluation differs between the folders (see the log)")
     click.echo(f"seeds {result['seeds']}: {Path(out) / 'results.md'}, {Path(out) / 'results.csv'}, "
                f"{Path(out) / 'safety_vs_utility.png'}")

@@ -10,8 +10,8 @@ computes them: :func:`~.stages.model_row`, :func:`~.stages.assemble_result`), ea
 What must agree, else :class:`~sstmerge.errors.ConfigError` names the folder and the difference: the grid (its
 config apart from the seeds, the threads and the cache folder), the rows, and the evaluation fingerprints of the
 base model (same weights, data and settings); no seed may appear twice. The base model is evaluated in every
-part: whether those evaluations agree item for item is reported (``base_reproduced``), as are differing package
-versions.
+part: whether those evaluations agree item for item is reported (``base_reproduced``; None when the grid has no
+base row), as are differing package versions.
 """
 
 from __future__ import annotations
@@ -151,8 +151,8 @@ def combine_runs(folders: list[str | Path], out: str | Path) -> dict[str, Any]:
         rows.append(model_row(model, per_seed, outcomes[name], columns))
 
     base_items = [json.dumps(p["items"]["base"][p["seeds"][0]], sort_keys=True) for p in parts if "base" in p["items"]]
-    base_reproduced = len(set(base_items)) <= 1
-    if not base_reproduced:
+    base_reproduced = len(set(base_items)) == 1 if base_items else None  # None: the grid evaluates no base model
+    if base_reproduced is False:
         log.warning("the base model's item outcomes differ between the parts (generation is not reproducible "
                     "across their machines or versions); each part's own evaluation is used for its seeds")
     versions = [p.get("versions") or {} for p in parts]
