@@ -6,7 +6,8 @@ from the earlier code. Methods that do not run the model and apply no LAPACK fac
 tolerance (rtol 1e-5): the Fisher-subspace modes (residual, layerwise, fisher_mask) run the model's
 forward/backward, whose float32 summation order may differ between library versions; safe_lora projects the
 utility update onto a basis of ΔW_S's column space from a LAPACK factorisation, whose float32 rounding differs
-between CPUs (3e-8 relative, measured on a second machine of the same kind as the one that wrote the golden).
+between CPUs (3e-8 relative, measured on another machine of this workplace than the one that wrote the
+golden).
 """
 
 from __future__ import annotations
