@@ -121,6 +121,8 @@ def test_two_seed_grid_reports_mean_and_sd_across_seeds(tiny_base, tmp_path):
     assert rows["A5+A6+A7/ties"]["vs_direct"]["jailbreak_plain"]["n"] == 2
     md = (out / "results.md").read_text()
     assert "2 training seed(s) [0, 1]" in md and " ±" in md
+    ties_facts = next(line for line in md.splitlines() if line.startswith("- A5+A6+A7/ties:"))
+    assert "seed 0: max SVD truncation error" in ties_facts and "seed 1: max SVD" in ties_facts  # each seed's merge
     with open(out / "results.csv") as fh:
         assert "safety_sd" in next(csv.reader(fh))
     # resume: every seed's stages are reused
@@ -154,6 +156,8 @@ def test_two_seed_grid_reports_mean_and_sd_across_seeds(tiny_base, tmp_path):
     r = {row["name"]: row for row in three["rows"]}["A5+A6+A7/ties"]
     assert three["seeds"] == [0, 1, 2] and list(r["per_seed"]) == ["0", "1", "2"]
     assert r["safety"] == pytest.approx(statistics.mean(r["per_seed"][s]["safety"] for s in ("0", "1", "2")))
+    # every part's timings are kept, the base evaluation of each part under its own key
+    assert {"eval:base@seeds0+1", "eval:base@seed2"} <= set(three["timings"])
 
 
 def test_combine_refuses_what_is_not_one_experiment(tiny_base, tmp_path):
@@ -229,6 +233,23 @@ def test_default_config_has_the_headline_grid_with_three_seeds_and_exact_dense_r
     for b in ("safe_lora", "safemerge", "fisher_mask", "residual"):
         assert f"A5+A6+A7/{b}" in names
     assert load_experiment_config("default", quick=True).seed_list() == [0]
+
+
+def test_eval_settings_from_the_config_are_what_the_grid_evaluates_with():
+    """``EvalConfig.settings`` is the one translation of the YAML eval section (the grid and the slow A7 test
+    both use it): ``batch_size: auto`` is the device default (None), templates only for the jailbreak suite, the
+    refusal-verdict stop only for refusal suites."""
+    ev = load_experiment_config("default").eval
+    assert ev.batch_size == "auto" and ev.settings("jailbreak").batch_size is None
+    jb, qa, over = ev.settings("jailbreak"), ev.settings("qa"), ev.settings("overrefusal")
+    assert jb.templates_per_prompt == 1 and qa.templates_per_prompt is None and over.templates_per_prompt is None
+    assert jb.stop_when_decided and over.stop_when_decided and not qa.stop_when_decided
+    assert jb.decision_tokens == 16 and qa.decision_tokens is None
+    assert jb.max_new_tokens == 32 and qa.max_new_tokens == 24 and ev.settings("mcq").max_new_tokens == 64
+    quick = load_experiment_config("default", quick=True).eval
+    assert quick.settings("jailbreak").limit == 24 and quick.settings("qa").limit == 16
+    pinned = load_experiment_config("default", overrides={"eval": {"batch_size": 8}}).eval
+    assert pinned.settings("qa").batch_size == 8
 
 
 def test_sweeps_config_extends_the_default():

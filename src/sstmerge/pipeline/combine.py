@@ -156,12 +156,14 @@ def combine_runs(folders: list[str | Path], out: str | Path) -> dict[str, Any]:
         log.warning("the base model's item outcomes differ between the parts (generation is not reproducible "
                     "across their machines or versions); each part's own evaluation is used for its seeds")
     versions = [p.get("versions") or {} for p in parts]
-    if any(v != versions[0] for v in versions[1:]):
-        log.warning("the parts ran with different package versions: %s", [p["folder"] for p in parts])
-    timings = {}
-    for p in parts:
-        tag = f"@seed{p['seeds'][0]}" if len(p["seeds"]) == 1 else ""
-        timings |= {f"{key}{tag}": v for key, v in (p.get("timings") or {}).items()}
+    differing = sorted({k for v in versions for k in v if any(w.get(k) != v.get(k) for w in versions)})
+    if differing:  # e.g. only "platform" when the seeds ran on machines with other kernels
+        log.warning("the parts ran with different versions of %s: %s", ", ".join(differing),
+                    {p["folder"]: {k: (p.get("versions") or {}).get(k) for k in differing} for p in parts})
+    timings = {}  # each part's stage timings, keyed as one run over all seeds keys them ("train:A5@seed1")
+    for p in parts:  # a one-seed part's keys carry no seed; a several-seed part's do, except its seed-shared ones
+        tag = f"@seed{p['seeds'][0]}" if len(p["seeds"]) == 1 else "@seeds" + "+".join(map(str, p["seeds"]))
+        timings |= {key if "@seed" in key else f"{key}{tag}": v for key, v in (p.get("timings") or {}).items()}
     adapters_per_seed = {s: part_of[s]["adapters_per_seed"][str(s)] for s in seeds}
     result = assemble_result(
         cfg, rows, outcomes, columns, adapters_per_seed=adapters_per_seed, versions=versions[0], timings=timings,

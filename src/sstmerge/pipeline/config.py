@@ -14,7 +14,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -23,6 +23,9 @@ from ..errors import ConfigError
 from ..merge.config import format_validation_error
 from ..registry import did_you_mean
 from ..train.sft import TrainOptions
+
+if TYPE_CHECKING:
+    from ..eval.suites import EvalSettings
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,20 @@ class EvalConfig(_Strict):
                                     "verdict cannot change (exact)")
     decision_tokens: dict[str, int] = Field(default_factory=dict, description="suite -> stop a refusal-suite answer "
                                             "after N new tokens at most (approximate: refusals come first)")
+
+    def settings(self, suite: str) -> EvalSettings:
+        """The :class:`~sstmerge.eval.suites.EvalSettings` this config gives ``suite`` (what the grid evaluates with;
+        ``batch_size: auto`` becomes None, the device's default)."""
+        from ..eval.suites import REFUSAL_SUITES, EvalSettings
+
+        refusal = suite in REFUSAL_SUITES
+        return EvalSettings(max_new_tokens=self.max_new_tokens.get(suite, 64),
+                            batch_size=None if self.batch_size == "auto" else self.batch_size, engine=self.engine,
+                            limit=self.limit.get(suite), judges=tuple(self.judges),
+                            templates_per_prompt=self.templates_per_prompt if suite == "jailbreak" else None,
+                            stop_when_decided=self.stop_when_decided and refusal,
+                            decision_tokens=self.decision_tokens.get(suite) if refusal else None)
+
 
 class ExperimentConfig(_Strict):
     base: str = "smollm2"

@@ -111,6 +111,28 @@ def _cell(r: dict, col: str) -> str:
     return text
 
 
+def _merge_fact_bits(f: dict[str, Any]) -> list[str]:
+    """The facts of one merge's report worth a line in results.md (norm kept, predicted effects, truncation)."""
+    bits = []
+    if f.get("projection_norm_kept_total") is not None:
+        bits.append(f"projection kept {100 * f['projection_norm_kept_total']:.1f}% of the safety adapter's norm")
+    if f.get("delta_norm_kept_median") is not None and "protected" not in f:
+        bits.append(f"the safety update keeps {100 * f['delta_norm_kept_median']:.1f}% of ‖ΔW‖ (median module)")
+    if f.get("predicted_utility_cost_before"):
+        bits.append(f"predicted utility cost {f['predicted_utility_cost_before']:.3g} → "
+                    f"{f['predicted_utility_cost_after']:.3g}")
+    for name, u in (f.get("protected") or {}).items():
+        pe = u["predicted_effect"]
+        bits.append(f"{name}: keeps {100 * u['delta_norm_kept_median']:.1f}% of ‖ΔW‖ (median module), first-order "
+                    f"refusal gain {pe['direct']['refusal_gain']:.3g} → {pe['merge']['refusal_gain']:.3g}")
+    if f.get("max_recompression_rel_error"):
+        bits.append(f"max SVD truncation error {100 * f['max_recompression_rel_error']:.1f}%")
+    for key, what in (("n_modules_projected", "modules projected"), ("n_modules_flagged", "modules flagged")):
+        if f.get(key) is not None:
+            bits.append(f"{f[key]} {what}")
+    return bits
+
+
 def results_markdown(result: dict[str, Any]) -> str:
     cols = list(result["columns"])
     lines = ["| model | " + " | ".join(cols) + " | safety | utility |",
@@ -126,26 +148,13 @@ def results_markdown(result: dict[str, Any]) -> str:
     legend = "\n".join(f"- `{c}`: {d}" for c, d in result["columns"].items())
     notes = []
     for r in result["rows"]:
-        f = r.get("merge_facts") or {}
-        bits = []
-        if f.get("projection_norm_kept_total") is not None:
-            bits.append(f"projection kept {100 * f['projection_norm_kept_total']:.1f}% of the safety adapter's norm")
-        if f.get("delta_norm_kept_median") is not None and "protected" not in f:
-            bits.append(f"the safety update keeps {100 * f['delta_norm_kept_median']:.1f}% of ‖ΔW‖ (median module)")
-        if f.get("predicted_utility_cost_before"):
-            bits.append(f"predicted utility cost {f['predicted_utility_cost_before']:.3g} → "
-                        f"{f['predicted_utility_cost_after']:.3g}")
-        for name, u in (f.get("protected") or {}).items():
-            pe = u["predicted_effect"]
-            bits.append(f"{name}: keeps {100 * u['delta_norm_kept_median']:.1f}% of ‖ΔW‖ (median module), first-order "
-                        f"refusal gain {pe['direct']['refusal_gain']:.3g} → {pe['merge']['refusal_gain']:.3g}")
-        if f.get("max_recompression_rel_error"):
-            bits.append(f"max SVD truncation error {100 * f['max_recompression_rel_error']:.1f}%")
-        for key, what in (("n_modules_projected", "modules projected"), ("n_modules_flagged", "modules flagged")):
-            if f.get(key) is not None:
-                bits.append(f"{f[key]} {what}")
-        if bits:
-            notes.append(f"- {r['name']}: " + "; ".join(bits))
+        per_seed = r.get("per_seed") or {}
+        if len(per_seed) > 1:  # every seed's own merge: the facts differ with the adapters
+            parts = [(f"seed {s}: ", _merge_fact_bits(p.get("merge_facts") or {})) for s, p in per_seed.items()]
+        else:
+            parts = [("", _merge_fact_bits(r.get("merge_facts") or {}))]
+        if any(bits for _, bits in parts):
+            notes.append(f"- {r['name']}: " + " | ".join(lead + "; ".join(bits) for lead, bits in parts if bits))
     gains = "\n".join(f"- {n} on `{g['task']}`: base {_fmt(g['base'])} → adapter {_fmt(g['adapter'])}"
                       f" ({'improved' if g['improved'] else 'NOT improved'})" for n, g in result["adapter_task_gain"].items())
     seeds = result.get("seeds") or [result.get("config", {}).get("seed")]

@@ -163,16 +163,9 @@ def _queries_per_model(cfg: ExperimentConfig) -> int:
 
 def _evaluate_model(cfg: ExperimentConfig, adapter: Path | None) -> dict[str, Any]:
     from ..eval.runner import evaluate
-    from ..eval.suites import REFUSAL_SUITES, EvalSettings
 
     ev = cfg.eval
-    settings = {suite: EvalSettings(max_new_tokens=ev.max_new_tokens.get(suite, 64),
-                                    batch_size=None if ev.batch_size == "auto" else ev.batch_size, engine=ev.engine,
-                                    limit=ev.limit.get(suite), judges=tuple(ev.judges),
-                                    templates_per_prompt=ev.templates_per_prompt if suite == "jailbreak" else None,
-                                    stop_when_decided=ev.stop_when_decided and suite in REFUSAL_SUITES,
-                                    decision_tokens=ev.decision_tokens.get(suite) if suite in REFUSAL_SUITES else None)
-                for suite in ev.suites}
+    settings = {suite: ev.settings(suite) for suite in ev.suites}
     result = evaluate(cfg.base, list(ev.suites), adapter=str(adapter) if adapter else None, settings=settings,
                       cache_dir=cfg.cache_dir, device=ev.device)  # one model load for all suites
     return result["suites"]
