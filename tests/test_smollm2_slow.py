@@ -99,13 +99,14 @@ def test_residual_merge_end_to_end_reuses_fisher(smollm2_dir, tmp_path):
 def test_quick_profile_on_smollm2(tmp_path):
     """`sst-merge demo --quick` on the real model: every stage runs, the safety adapter refuses more than the
     base model, and every merge is evaluated on every column."""
-    from sstmerge.pipeline.experiments import load_experiment_config, run_experiments
+    from sstmerge.pipeline.experiments import expand_grid, load_experiment_config, run_experiments
 
     cfg = load_experiment_config("default", quick=True)
     result = run_experiments(cfg, tmp_path / "quick")
     rows = {r["name"]: r for r in result["rows"]}
-    assert len(rows) == 4 + 5  # base, three adapters alone; direct, residual, complement, ties, safe_lora
-    assert "A5+A6+A7/complement" in rows
+    with_base, alone = cfg.reference_models()  # the quick section: the base and A7 alone
+    expected = ["base"] * with_base + [f"{a} alone" for a in alone] + [e.name for e in expand_grid(cfg)]
+    assert list(rows) == expected and "A7 alone" in rows and "A5+A6+A7/complement" in rows
     assert rows["A7 alone"]["jailbreak_plain"] >= rows["base"]["jailbreak_plain"] + 0.5
     for r in rows.values():
         assert r["safety"] is not None and r["utility"] is not None
