@@ -159,7 +159,7 @@ def combine_runs(folders: list[str | Path], out: str | Path) -> dict[str, Any]:
     differing = sorted({k for v in versions for k in v if any(w.get(k) != v.get(k) for w in versions)})
     if differing:  # e.g. only "platform" when the seeds ran on machines with other kernels
         log.warning("the parts ran with different versions of %s: %s", ", ".join(differing),
-                    {p["folder"]: {k: (p.get("versions") or {}).get(k) for k in differing} for p in parts})
+                    {p["folder"]: {k: v.get(k) for k in differing} for p, v in zip(parts, versions)})
     timings = {}  # each part's stage timings, keyed as one run over all seeds keys them ("train:A5@seed1")
     for p in parts:  # a one-seed part's keys carry no seed; a several-seed part's do, except its seed-shared ones
         tag = f"@seed{p['seeds'][0]}" if len(p["seeds"]) == 1 else "@seeds" + "+".join(map(str, p["seeds"]))

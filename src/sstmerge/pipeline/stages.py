@@ -147,16 +147,17 @@ def _plan_run(cfg: ExperimentConfig, runs: dict[int, ExperimentConfig], experime
 
 def _queries_per_model(cfg: ExperimentConfig) -> int:
     """Items one model's evaluation asks (every suite's data within its limit; jailbreak: plain + templated)."""
-    from ..eval.suites import SUITES, EvalSettings
+    from ..eval.suites import SUITES
 
-    ev, n = cfg.eval, 0
-    for suite in ev.suites:
-        settings = EvalSettings(limit=ev.limit.get(suite), judges=tuple(ev.judges))
+    n = 0
+    for suite in cfg.eval.suites:
+        settings = cfg.eval.settings(suite)  # what the evaluation itself runs with
         items, _ = SUITES.get(suite).load_data(None, None, settings)
-        first = items[0][: ev.limit.get(suite)]
+        first = items[0][: settings.limit]
         per = 1
         if suite == "jailbreak":
-            per += len(items[1]) if ev.templates_per_prompt is None else min(ev.templates_per_prompt, len(items[1]))
+            per += len(items[1]) if settings.templates_per_prompt is None else \
+                min(settings.templates_per_prompt, len(items[1]))
         n += len(first) * per
     return n
 
