@@ -119,7 +119,13 @@ def test_two_seed_grid_reports_mean_and_sd_across_seeds(tiny_base, tmp_path):
             assert ci["low"] - 1e-9 <= r[col] <= ci["high"] + 1e-9
     assert rows["base"]["per_seed"]["0"] == rows["base"]["per_seed"]["1"]  # one base model: evaluated once
     assert rows["A5+A6+A7/ties"]["vs_direct"]["jailbreak_plain"]["n"] == 2
+    ties_vs = rows["A5+A6+A7/ties"]["vs_direct"]["safety"]  # and each seed's own test against its own direct
+    assert list(ties_vs["per_seed"]) == ["0", "1"] and isinstance(ties_vs["every_seed"], bool)
+    assert ties_vs["every_seed"] == all(t["significant"] and (t["difference"] > 0) == (ties_vs["difference"] > 0)
+                                        for t in ties_vs["per_seed"].values())
     md = (out / "results.md").read_text()
+    assert "seed by seed" in md and next(line for line in md.splitlines()
+                                         if line.startswith("- A5+A6+A7/ties: safety")).count("per seed") >= 2
     assert "2 training seed(s) [0, 1]" in md and " ±" in md
     ties_facts = next(line for line in md.splitlines() if line.startswith("- A5+A6+A7/ties:"))
     assert "seed 0: max SVD truncation error" in ties_facts and "seed 1: max SVD" in ties_facts  # each seed's merge
@@ -145,6 +151,8 @@ def test_two_seed_grid_reports_mean_and_sd_across_seeds(tiny_base, tmp_path):
         if a["vs_direct"]:
             assert {c: t["p_value"] for c, t in a["vs_direct"].items()} == \
                 pytest.approx({c: t["p_value"] for c, t in b["vs_direct"].items()})
+            assert {c: t["every_seed"] for c, t in a["vs_direct"].items()} == \
+                {c: t["every_seed"] for c, t in b["vs_direct"].items()}
     assert joined["pareto_front_significant"] == result["pareto_front_significant"]
     assert json.loads((tmp_path / "joined" / "item_outcomes.json").read_text()) == \
         json.loads((out / "item_outcomes.json").read_text())

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sstmerge.eval import stats
-from sstmerge.pipeline.aggregate import average_seeds, compare, significant_pareto_front
+from sstmerge.pipeline.aggregate import add_per_seed_tests, average_seeds, compare, significant_pareto_front
 
 
 def _wilson_closed_form(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -129,3 +129,31 @@ def test_average_seeds_and_significant_front():
     not_sig = {"safety": {"significant": False}, "utility": {"significant": True}}
     tests = {(0, 1): not_sig, (0, 2): sig, (1, 2): sig}
     assert significant_pareto_front(rows, tests) == [1, 0]  # row 1 is dominated, but not significantly
+
+
+def test_a_gap_holds_in_every_seed_only_when_each_seed_shows_it_significantly_with_its_sign():
+    cols = [_Col("plain", "safety"), _Col("f1", "utility")]
+    items = [f"i{k}" for k in range(40)]
+
+    def model(refuses: int, f1: float) -> dict:
+        return {"plain": {i: float(k < refuses) for k, i in enumerate(items)}, "f1": {f"q{k}": f1 for k in range(20)}}
+
+    merge = {0: model(38, 0.5), 1: model(36, 0.5), 2: model(39, 0.5)}
+    direct = {0: model(10, 0.5), 1: model(12, 0.5), 2: model(9, 0.5)}
+    pooled = compare(average_seeds(list(merge.values())), average_seeds(list(direct.values())), cols)
+    add_per_seed_tests(pooled, merge, direct, cols)
+    assert pooled["plain"]["every_seed"] and pooled["safety"]["every_seed"]
+    assert list(pooled["plain"]["per_seed"]) == ["0", "1", "2"]
+    assert pooled["plain"]["per_seed"]["1"]["difference"] == pytest.approx((36 - 12) / 40)
+    assert not pooled["f1"]["every_seed"]  # no difference at all is not a gap
+    # one seed where the merge is no better: the seed-averaged test may still be significant, every_seed is not
+    merge[1] = model(12, 0.5)
+    pooled = compare(average_seeds(list(merge.values())), average_seeds(list(direct.values())), cols)
+    add_per_seed_tests(pooled, merge, direct, cols)
+    assert pooled["plain"]["significant"] and not pooled["plain"]["every_seed"]
+    assert not pooled["plain"]["per_seed"]["1"]["significant"]
+    # a seed evaluated on other items has no own test there: not every seed
+    direct[2] = {"plain": {f"x{k}": 0.0 for k in range(40)}, "f1": direct[2]["f1"]}
+    pooled = compare(merge[0], direct[0], cols)
+    add_per_seed_tests(pooled, merge, direct, cols)
+    assert "2" not in pooled["plain"]["per_seed"] and not pooled["plain"]["every_seed"]

@@ -11,7 +11,10 @@ seed over the same items. This module turns them into
 * the summary scores ``safety`` / ``utility`` (means of the columns of that role) with a stratified bootstrap
   interval;
 * for each merge, a **paired test against ``direct`` of the same variant** on the same items, per column and
-  for the summary scores (exact McNemar on 0/1 outcomes, else the paired bootstrap).
+  for the summary scores (exact McNemar on 0/1 outcomes, else the paired bootstrap);
+* with several seeds, the same test **within each seed** (that seed's merge against that seed's ``direct``):
+  the item-level tests treat the trained adapters as given, so a gap is a property of the method only when it
+  keeps its sign, significantly, in every seed (``every_seed``).
 """
 
 from __future__ import annotations
@@ -96,6 +99,25 @@ def compare(a: dict[str, Outcomes], b: dict[str, Outcomes], columns: list) -> di
             out[role] = stats.paired_mean_of_means(
                 [(list(a[c].values()), list(b[c].values())) for c in cols]).as_dict()
     return out
+
+
+def add_per_seed_tests(pooled: dict[str, Any], a_items: dict[Any, dict[str, Outcomes]],
+                       b_items: dict[Any, dict[str, Outcomes]], columns: list) -> dict[str, Any]:
+    """Add each seed's own paired test to the seed-averaged tests ``pooled`` (from :func:`compare`) of model A
+    against model B: ``pooled[key]["per_seed"] = {seed: {difference, p_value, significant}}`` and
+    ``pooled[key]["every_seed"]``: True when every seed's test is significant with the sign of the seed-averaged
+    difference (False when a seed lacks the test). ``a_items`` / ``b_items``: seed -> column -> item -> outcome,
+    the same seeds for both. Returns ``pooled``, changed in place."""
+    seeds = [s for s in a_items if s in b_items]
+    own = {s: compare(a_items[s], b_items[s], columns) for s in seeds}
+    for key, test in pooled.items():
+        per_seed = {str(s): {k: own[s][key][k] for k in ("difference", "p_value", "significant")}
+                    for s in seeds if key in own[s]}
+        sign = np.sign(test["difference"])
+        test["per_seed"] = per_seed
+        test["every_seed"] = bool(sign != 0 and len(per_seed) == len(a_items) == len(b_items) and all(
+            t["significant"] and np.sign(t["difference"]) == sign for t in per_seed.values()))
+    return pooled
 
 
 def significant_pareto_front(rows: list[dict], tests: dict[tuple[int, int], dict[str, Any]]) -> list[int]:

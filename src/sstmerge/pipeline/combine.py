@@ -168,6 +168,7 @@ def combine_runs(folders: list[str | Path], out: str | Path) -> dict[str, Any]:
     result = assemble_result(
         cfg, rows, outcomes, columns, adapters_per_seed=adapters_per_seed, versions=versions[0], timings=timings,
         seconds=sum(p.get("seconds") or 0.0 for p in parts),
+        items=items,
         config_source="combined: " + "; ".join(f"{p['folder']} ({p.get('config_source') or '?'}, seeds "
                                                f"{p['seeds']})" for p in parts),
         combined_from=[{"folder": p["folder"], "seeds": p["seeds"], "created": p.get("created"),

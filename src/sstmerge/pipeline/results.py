@@ -108,7 +108,39 @@ def _cell(r: dict, col: str) -> str:
     test = (r.get("vs_direct") or {}).get(col)
     if test is not None and test["significant"]:
         text += " ▲" if test["difference"] > 0 else " ▼"
+        if test.get("every_seed"):
+            text += "*"
     return text
+
+
+def _signed(d: float) -> str:
+    return f"{100 * d:+.1f}".replace("-", "−")
+
+
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def per_seed_lines(result: dict[str, Any]) -> list[str]:
+    """One line per merge with several seeds: its differences from ``direct`` on the summary scores and on every
+    column whose seed-averaged test is significant, each with every seed's own difference (``*``: significant in
+    that seed) and whether the gap holds in every seed."""
+    lines = []
+    for r in result["rows"]:
+        tests = r.get("vs_direct") or {}
+        keys = [k for k in ("safety", "utility") if k in tests] + \
+               [c for c in result["columns"] if c in tests and tests[c]["significant"]]
+        if not keys or not any("per_seed" in tests[k] for k in keys):
+            continue
+        bits = []
+        for k in keys:
+            t = tests[k]
+            seeds = ", ".join(_signed(o["difference"]) + ("*" if o["significant"] else "")
+                              for o in (t.get("per_seed") or {}).values())
+            verdict = "holds in every seed" if t.get("every_seed") else "not in every seed"
+            bits.append(f"{k} {_signed(t['difference'])} ({_p(t['p_value'])}; per seed {seeds}: {verdict})")
+        lines.append(f"- {r['name']}: " + "; ".join(bits))
+    return lines
 
 
 def _merge_fact_bits(f: dict[str, Any]) -> list[str]:
@@ -158,17 +190,23 @@ def results_markdown(result: dict[str, Any]) -> str:
     gains = "\n".join(f"- {n} on `{g['task']}`: base {_fmt(g['base'])} → adapter {_fmt(g['adapter'])}"
                       f" ({'improved' if g['improved'] else 'NOT improved'})" for n, g in result["adapter_task_gain"].items())
     seeds = result.get("seeds") or [result.get("config", {}).get("seed")]
+    seed_lines = per_seed_lines(result)
     safety_cols = ", ".join(c for c, i in result.get("column_info", {}).items() if i.get("role") == "safety")
     utility_cols = ", ".join(c for c, i in result.get("column_info", {}).items() if i.get("role") == "utility")
     head = (f"All numbers are percentages over the held-out items, {len(seeds)} training seed(s) {seeds}: "
             "value ±sd across seeds (with several seeds) [95 % interval over items]. ▲/▼: significantly higher/lower "
             "than `direct` of the same variant in a paired test on the same items (exact McNemar for 0/1 outcomes, "
-            "else paired bootstrap; p < 0.05, no multiple-comparison correction). **Bold**: on the safety-vs-utility "
+            "else paired bootstrap; p < 0.05, no multiple-comparison correction); with several seeds, ▲*/▼*: the "
+            "gap also holds, significantly and with the same sign, in every seed's own paired test (its merge "
+            "against its `direct`). **Bold**: on the safety-vs-utility "
             "Pareto front of the point estimates; †: also on the front when only significant dominance counts. "
             f"safety = mean of {safety_cols}; utility = mean of {utility_cols}.\n\n")
     return (head + "\n".join(lines)
             + "\n\n" + legend + ("\n\nAdapter recipes on their own task:\n" + gains if gains else "")
-            + ("\n\nMerge facts (from each merge_report.json):\n" + "\n".join(notes) if notes else "") + "\n")
+            + ("\n\nMerge facts (from each merge_report.json):\n" + "\n".join(notes) if notes else "")
+            + ("\n\nAgainst `direct`, seed by seed (differences in points; seed-averaged paired test; each seed's own "
+               "difference, * where its own test is significant):\n" + "\n".join(seed_lines) if seed_lines else "")
+            + "\n")
 
 
 def plot_tradeoff(rows: list[dict], path: Path, title: str = "") -> None:
@@ -226,7 +264,7 @@ def write_results(result: dict[str, Any], out: Path, outcomes: dict[str, dict] |
     atomic_write_text(out / "results.json", json.dumps(result, indent=2, default=str) + "\n")
     stats_cols = list(result["columns"]) + ["safety", "utility"]
     cols = ["name", "family", "variant"] + [f"{c}{x}" for c in stats_cols for x in ("", "_low", "_high", "_sd")] + \
-        [f"{c}_vs_direct_p" for c in stats_cols] + ["adapter"]
+        [f"{c}_vs_direct_p" for c in stats_cols] + [f"{c}_vs_direct_every_seed" for c in stats_cols] + ["adapter"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     writer.writeheader()
@@ -235,7 +273,8 @@ def write_results(result: dict[str, Any], out: Path, outcomes: dict[str, dict] |
         for c in stats_cols:
             ci = (r.get("intervals") or {}).get(c) or {}
             flat[f"{c}_low"], flat[f"{c}_high"] = ci.get("low"), ci.get("high")
-            flat[f"{c}_vs_direct_p"] = ((r.get("vs_direct") or {}).get(c) or {}).get("p_value")
+            test = (r.get("vs_direct") or {}).get(c) or {}
+            flat[f"{c}_vs_direct_p"], flat[f"{c}_vs_direct_every_seed"] = test.get("p_value"), test.get("every_seed")
         writer.writerow({c: flat.get(c) for c in cols})
     atomic_write_text(out / "results.csv", buf.getvalue())
     atomic_write_text(out / "results.md", results_markdown(result))

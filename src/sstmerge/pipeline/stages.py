@@ -279,7 +279,8 @@ def _run_experiments(cfg: ExperimentConfig, out: Path, config_source: str) -> di
     progress.close()
     result = assemble_result(cfg, rows, outcomes, columns, config_source=config_source,
                              adapters_per_seed={s: {n: str(p) for n, p in adapters[s].items()} for s in seeds},
-                             versions=versions(), timings=timings, seconds=time.perf_counter() - t_all)
+                             versions=versions(), timings=timings, seconds=time.perf_counter() - t_all,
+                             items=items if len(seeds) > 1 else None)
     write_results(result, out, outcomes, items if len(seeds) > 1 else None)
     return result
 
@@ -303,14 +304,16 @@ def model_row(model: dict[str, Any], per_seed: dict[int, dict[str, Any]], outcom
 
 def assemble_result(cfg: ExperimentConfig, rows: list[dict], outcomes: dict[str, dict], columns: list, *,
                     config_source: str, adapters_per_seed: dict[int, dict[str, str]], versions: dict,
-                    timings: dict, seconds: float, **extra: Any) -> dict[str, Any]:
+                    timings: dict, seconds: float, items: dict[str, dict] | None = None,
+                    **extra: Any) -> dict[str, Any]:
     """The results dict of a grid (written to results.json): the rows (:func:`model_row`) with their paired tests
     against ``direct`` of their variant and the Pareto fronts, computed from ``outcomes`` (model -> column -> item
-    -> seed-averaged outcome), the columns and the provenance (``extra`` adds keys)."""
+    -> seed-averaged outcome; ``items``: the same per seed, for each seed's own test), the columns and the
+    provenance (``extra`` adds keys)."""
     from ..provenance import now_iso
 
     seeds = cfg.seed_list()
-    comparisons = compare_rows(rows, outcomes, columns)
+    comparisons = compare_rows(rows, outcomes, columns, items)
     return {
         "created": now_iso(),
         "config": cfg.model_dump(mode="json"),
@@ -338,15 +341,19 @@ STATISTICS_NOTE = {
     "paired_test": "each merge against direct of the same variant on the same items: exact McNemar for 0/1 outcomes "
                    "(one seed), else paired bootstrap of the mean difference; significant when p < 0.05 "
                    "(no correction for the number of comparisons)",
+    "paired_test_per_seed": "with several seeds, the same test within each seed (its merge against its direct); "
+                            "every_seed: each seed's test is significant with the sign of the seed-averaged difference",
     "pareto_front_significant": "a model leaves this front only when another is better on safety and utility "
                                 "with every strict improvement significant in the paired test",
 }
 
 
-def compare_rows(rows: list[dict], outcomes: dict[str, dict], columns: list) -> dict[str, Any]:
-    """Each merge against ``direct`` of its variant (``row["vs_direct"]``), and the Pareto fronts: on the point
-    estimates and keeping only significant dominance."""
-    from .aggregate import compare, dominating_pairs, significant_pareto_front
+def compare_rows(rows: list[dict], outcomes: dict[str, dict], columns: list,
+                 items: dict[str, dict] | None = None) -> dict[str, Any]:
+    """Each merge against ``direct`` of its variant (``row["vs_direct"]``; with ``items`` of several seeds,
+    model -> seed -> column -> item -> outcome, also each seed's own test and whether the gap holds in every
+    seed), and the Pareto fronts: on the point estimates and keeping only significant dominance."""
+    from .aggregate import add_per_seed_tests, compare, dominating_pairs, significant_pareto_front
     from .results import pareto_front_rows
 
     by_name = {r["name"]: r for r in rows}
@@ -354,6 +361,8 @@ def compare_rows(rows: list[dict], outcomes: dict[str, dict], columns: list) -> 
         direct = by_name.get(f"{r['variant']}/direct") if r.get("variant") else None
         r["vs_direct"] = (compare(outcomes[r["name"]], outcomes[direct["name"]], columns)
                           if direct is not None and direct is not r else None)
+        if r["vs_direct"] and items and len(items.get(r["name"], {})) > 1:
+            add_per_seed_tests(r["vs_direct"], items[r["name"]], items[direct["name"]], columns)
     tests = {(j, i): compare(outcomes[rows[j]["name"]], outcomes[rows[i]["name"]], columns)
              for j, i in dominating_pairs(rows)}
     return {"pareto_front": [rows[i]["name"] for i in pareto_front_rows(rows)],
