@@ -45,7 +45,8 @@ def _check_name(name: str, what: str) -> str:
 class AdapterRecipe(_Strict):
     """One adapter to train: data files (concatenated) and LoRA training options."""
 
-    data: list[str] = Field(min_length=1, description="training JSONL specs ('bundled:NAME' or paths)")
+    data: list[str] = Field(min_length=1, description="training JSONL specs ('bundled:NAME' or paths); a file "
+                            "listed N times is used N times (N x its weight in the mix)")
     max_samples: int | None = Field(None, ge=1, description="at most N rows per data file (seeded)")
     train: TrainOptions = Field(default_factory=TrainOptions)
     task: str | None = Field(None, description="the results column this adapter should improve (checked in the report)")
