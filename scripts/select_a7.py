@@ -10,10 +10,11 @@ rates, their means and whether the rule holds:
 
 The held-out evaluation sets are never read here: a recipe is judged on them only after it is adopted.
 
-    python scripts/select_a7.py --label C1 --steps 240 --weight bundled:contrast_train=2 --out /tmp/a7
+    python scripts/select_a7.py --label S320 --steps 320 --out /tmp/a7
 
-``--weight SPEC=N`` lists a data file N times (N x its weight in the training mix). Trained adapters are kept in
-``--out`` and reused when the script is run again. One A7 trains in about 8 minutes on 2 CPU cores (240 steps).
+A candidate is the *current* default's A7 with changes: ``--steps N``, and ``--weight SPEC=N``, which lists each
+occurrence of a data file N times (the default already lists ``bundled:contrast_train`` twice, so ``=2`` makes
+it four times). Trained adapters are kept in ``--out`` and reused when the script is run again. One A7 trains in about 8 minutes on 2 CPU cores (240 steps).
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ def main() -> None:
         if not spec or not n.isdigit() or int(n) < 1:
             raise SystemExit(f"--weight {w!r}: expected SPEC=N with N >= 1, e.g. bundled:contrast_train=2")
         weights[spec] = int(n)
+    from sstmerge.pipeline.config import load_experiment_config
+
+    cfg = load_experiment_config("default")
+    candidate_data(list(cfg.adapters[cfg.safety].data), weights)  # a bad --weight fails before any training
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = args.log or args.out / "select_a7.jsonl"
     records = []

@@ -1,0 +1,47 @@
+"""scripts/select_a7.py: the candidate's data list (weights as repetitions) and its argument errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "select_a7.py"
+
+
+@pytest.fixture(scope="module")
+def select_a7():
+    spec = importlib.util.spec_from_file_location("select_a7", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_weights_repeat_a_file_in_place(select_a7):
+    data = ["bundled:harmful_train", "bundled:contrast_train", "bundled:benign_train"]
+    assert select_a7.candidate_data(data, {}) == data
+    assert select_a7.candidate_data(data, {"bundled:contrast_train": 2}) == \
+        ["bundled:harmful_train", "bundled:contrast_train", "bundled:contrast_train", "bundled:benign_train"]
+
+
+def test_default_config_is_what_the_weighted_candidate_trains(select_a7):
+    from sstmerge.pipeline.config import load_experiment_config
+
+    data = load_experiment_config("default").adapters["A7"].data
+    assert data.count("bundled:contrast_train") == 2  # the adopted candidate: contrast pairs twice
+    once = [d for i, d in enumerate(data) if d != "bundled:contrast_train" or data.index(d) == i]
+    assert select_a7.candidate_data(once, {"bundled:contrast_train": 2}) == data
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--weight", "bundled:nope=2"], "not in the recipe's data"),
+    (["--weight", "bundled:contrast_train"], "expected SPEC=N"),
+    (["--weight", "bundled:contrast_train=0"], "expected SPEC=N"),
+])
+def test_bad_weights_are_clear_errors_before_any_training(select_a7, monkeypatch, tmp_path, argv, message):
+    monkeypatch.setattr(sys, "argv", ["select_a7.py", "--label", "t", "--out", str(tmp_path), *argv])
+    monkeypatch.setattr(select_a7, "run_seed", lambda *a, **k: pytest.fail("trained despite a bad --weight"))
+    with pytest.raises(SystemExit, match=message):
+        select_a7.main()
