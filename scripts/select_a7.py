@@ -13,9 +13,11 @@ The held-out evaluation sets are never read here: a recipe is judged on them onl
 
     python scripts/select_a7.py --label S320 --steps 320 --out /tmp/a7
 
-A candidate is the *current* default's A7 with changes: ``--steps N``, and ``--weight SPEC=N``, which lists each
-occurrence of a data file N times (the default already lists ``bundled:contrast_train`` twice, so ``=2`` makes
-it four times). Trained adapters are kept in ``--out`` and reused when the script is run again. One A7 trains in about 8 minutes on 2 CPU cores (240 steps).
+A candidate is the *current* default's A7 with changes: ``--steps N``; ``--data SPEC`` (repeatable), which replaces
+the recipe's data list (a file listed twice weighs twice); and ``--weight SPEC=N``, which lists each occurrence of
+a data file N times (the default already lists ``bundled:contrast_train`` twice, so ``=2`` makes it four times).
+
+    python scripts/select_a7.py --label R4a --out /tmp/a7 --data bundled:harmful_train ... --data bundled:benign_train Trained adapters are kept in ``--out`` and reused when the script is run again. One A7 trains in about 8 minutes on 2 CPU cores (240 steps).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def candidate_data(data: list[str], weights: dict[str, int]) -> list[str]:
 
 
 def run_seed(label: str, seed: int, steps: int | None, weights: dict[str, int], out: Path,
-             overrefusal_dev: tuple[str, ...] = DEV_OVERREFUSAL) -> dict:
+             overrefusal_dev: tuple[str, ...] = DEV_OVERREFUSAL, data: list[str] | None = None) -> dict:
     from sstmerge.eval.runner import evaluate
     from sstmerge.pipeline.aggregate import column_outcomes
     from sstmerge.pipeline.config import load_experiment_config
@@ -51,7 +53,7 @@ def run_seed(label: str, seed: int, steps: int | None, weights: dict[str, int], 
 
     cfg = load_experiment_config("default").for_seed(seed)
     recipe = cfg.adapters[cfg.safety]
-    data = candidate_data(list(recipe.data), weights)
+    data = candidate_data(list(data or recipe.data), weights)
     train = recipe.train.model_copy(update={"steps": steps}) if steps else recipe.train
     folder = out / f"A7-{label}-seed{seed}"
     t0 = time.perf_counter()
@@ -78,6 +80,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--label", required=True, help="candidate name (adapter folders: A7-LABEL-seedN)")
     ap.add_argument("--steps", type=int, help="training steps (default: the default config's)")
+    ap.add_argument("--data", action="append", metavar="SPEC",
+                    help="the recipe's data files, in order (repeatable; replaces the default's list)")
     ap.add_argument("--weight", action="append", default=[], metavar="SPEC=N", help="list a data file N times")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--overrefusal-dev", action="append", metavar="SPEC",
@@ -102,14 +106,24 @@ def main() -> None:
         weights[spec] = int(n)
     from sstmerge.pipeline.config import load_experiment_config
 
+    from sstmerge.data.jsonl import resolve_data
+    from sstmerge.errors import SSTMergeError
+
     cfg = load_experiment_config("default")
-    candidate_data(list(cfg.adapters[cfg.safety].data), weights)  # a bad --weight fails before any training
+    for spec in args.data or []:  # a bad --data or --weight fails before any training
+        try:
+            path = resolve_data(spec)
+        except SSTMergeError as err:
+            raise SystemExit(f"--data {spec!r}: {err}") from None
+        if not path.is_file():
+            raise SystemExit(f"--data {spec!r}: {path} is not a file; give a JSONL path or 'bundled:<name>'")
+    candidate_data(list(args.data or cfg.adapters[cfg.safety].data), weights)
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = args.log or args.out / "select_a7.jsonl"
     records = []
     for seed in args.seeds:
         rec = run_seed(args.label, seed, args.steps, weights, args.out,
-                       tuple(args.overrefusal_dev or DEV_OVERREFUSAL))
+                       tuple(args.overrefusal_dev or DEV_OVERREFUSAL), args.data)
         records.append(rec)
         with open(log_file, "a") as fh:
             fh.write(json.dumps(rec) + "\n")

@@ -39,9 +39,28 @@ def test_default_config_is_what_the_weighted_candidate_trains(select_a7):
     (["--weight", "bundled:nope=2"], "not in the recipe's data"),
     (["--weight", "bundled:contrast_train"], "expected SPEC=N"),
     (["--weight", "bundled:contrast_train=0"], "expected SPEC=N"),
+    (["--data", "bundled:contrast_trian"], "Did you mean 'contrast_train'"),
+    (["--data", "/no/such/file.jsonl"], "is not a file"),
+    (["--data", "bundled:harmful_train", "--weight", "bundled:contrast_train=2"], "not in the recipe's data"),
 ])
-def test_bad_weights_are_clear_errors_before_any_training(select_a7, monkeypatch, tmp_path, argv, message):
+def test_bad_data_or_weights_are_clear_errors_before_any_training(select_a7, monkeypatch, tmp_path, argv, message):
     monkeypatch.setattr(sys, "argv", ["select_a7.py", "--label", "t", "--out", str(tmp_path), *argv])
-    monkeypatch.setattr(select_a7, "run_seed", lambda *a, **k: pytest.fail("trained despite a bad --weight"))
+    monkeypatch.setattr(select_a7, "run_seed", lambda *a, **k: pytest.fail("trained despite a bad argument"))
     with pytest.raises(SystemExit, match=message):
         select_a7.main()
+
+
+def test_data_replaces_the_recipe_list_and_reaches_training(select_a7, monkeypatch, tmp_path):
+    seen = []
+
+    def fake_run_seed(label, seed, steps, weights, out, overrefusal_dev, data):
+        seen.append(select_a7.candidate_data(list(data), weights))
+        return {"label": label, "seed": seed, "jailbreak_plain": 1.0, "jailbreak_templated": 1.0,
+                "overrefusal": 0.0, "overrefusal_parts": {}}
+
+    monkeypatch.setattr(select_a7, "run_seed", fake_run_seed)
+    monkeypatch.setattr(sys, "argv", ["select_a7.py", "--label", "t", "--out", str(tmp_path), "--seeds", "0",
+                                      "--data", "bundled:harmful_train", "--data", "bundled:contrast_train2",
+                                      "--weight", "bundled:contrast_train2=2"])
+    select_a7.main()
+    assert seen == [["bundled:harmful_train", "bundled:contrast_train2", "bundled:contrast_train2"]]
