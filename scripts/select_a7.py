@@ -13,7 +13,8 @@ The held-out evaluation sets are never read here: a recipe is judged on them onl
 
     python scripts/select_a7.py --label S320 --steps 320 --out /tmp/a7
 
-A candidate is the *current* default's A7 with changes: ``--steps N``; ``--data SPEC`` (repeatable), which replaces
+A candidate is the *current* default's A7 with changes: ``--steps N`` and ``--train KEY=VALUE`` (any training
+option, e.g. ``lr_schedule=cosine``, checked by ``TrainOptions``); ``--data SPEC`` (repeatable), which replaces
 the recipe's data list (a file listed twice weighs twice); and ``--weight SPEC=N``, which lists each occurrence of
 a data file N times (the default already lists ``bundled:contrast_train`` twice, so ``=2`` makes it four times).
 
@@ -44,8 +45,26 @@ def candidate_data(data: list[str], weights: dict[str, int]) -> list[str]:
     return [spec for spec in data for _ in range(weights.get(spec, 1))]
 
 
+def train_options(recipe_train, steps: int | None, overrides: dict[str, str]):
+    """The recipe's TrainOptions with ``--steps`` and ``--train KEY=VALUE`` applied (values parsed as YAML scalars),
+    validated; a bad key or value raises SystemExit naming it."""
+    import yaml
+    from pydantic import ValidationError
+
+    from sstmerge.train.sft import TrainOptions
+
+    values = {**recipe_train.model_dump(), **{k: yaml.safe_load(v) for k, v in overrides.items()}}
+    if steps:
+        values["steps"] = steps
+    try:
+        return TrainOptions(**values)
+    except ValidationError as err:
+        raise SystemExit(f"--train {overrides}: {err}") from None
+
+
 def run_seed(label: str, seed: int, steps: int | None, weights: dict[str, int], out: Path,
-             overrefusal_dev: tuple[str, ...] = DEV_OVERREFUSAL, data: list[str] | None = None) -> dict:
+             overrefusal_dev: tuple[str, ...] = DEV_OVERREFUSAL, data: list[str] | None = None,
+             overrides: dict[str, str] | None = None) -> dict:
     from sstmerge.eval.runner import evaluate
     from sstmerge.pipeline.aggregate import column_outcomes
     from sstmerge.pipeline.config import load_experiment_config
@@ -54,7 +73,7 @@ def run_seed(label: str, seed: int, steps: int | None, weights: dict[str, int], 
     cfg = load_experiment_config("default").for_seed(seed)
     recipe = cfg.adapters[cfg.safety]
     data = candidate_data(list(data or recipe.data), weights)
-    train = recipe.train.model_copy(update={"steps": steps}) if steps else recipe.train
+    train = train_options(recipe.train, steps, overrides or {})
     folder = out / f"A7-{label}-seed{seed}"
     t0 = time.perf_counter()
     if not (folder / "adapter_config.json").is_file():
@@ -71,7 +90,7 @@ def run_seed(label: str, seed: int, steps: int | None, weights: dict[str, int], 
     rates = {c: statistics.mean(v) for c, v in outcomes("jailbreak", DEV_HARMFUL).items()}
     parts = {spec: outcomes("overrefusal", spec)["overrefusal"] for spec in overrefusal_dev}
     rates["overrefusal"] = statistics.mean(x for v in parts.values() for x in v)  # over all the prompts
-    return {"label": label, "seed": seed, "steps": train.steps, "data": data, "adapter": str(folder),
+    return {"label": label, "seed": seed, "steps": train.steps, "train": train.model_dump(mode="json"), "data": data, "adapter": str(folder),
             "train_s": trained_s, **{c: rates.get(c) for c in COLUMNS},
             "overrefusal_parts": {spec: {"rate": statistics.mean(v), "n": len(v)} for spec, v in parts.items()}}
 
@@ -82,6 +101,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="training steps (default: the default config's)")
     ap.add_argument("--data", action="append", metavar="SPEC",
                     help="the recipe's data files, in order (repeatable; replaces the default's list)")
+    ap.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
+                    help="a training option of the recipe (repeatable), e.g. lr_schedule=cosine")
     ap.add_argument("--weight", action="append", default=[], metavar="SPEC=N", help="list a data file N times")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--overrefusal-dev", action="append", metavar="SPEC",
@@ -118,12 +139,19 @@ def main() -> None:
         if not path.is_file():
             raise SystemExit(f"--data {spec!r}: {path} is not a file; give a JSONL path or 'bundled:<name>'")
     candidate_data(list(args.data or cfg.adapters[cfg.safety].data), weights)
+    overrides = {}
+    for kv in args.train:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--train {kv!r}: expected KEY=VALUE, e.g. lr_schedule=cosine")
+        overrides[key] = value
+    train_options(cfg.adapters[cfg.safety].train, args.steps, overrides)
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = args.log or args.out / "select_a7.jsonl"
     records = []
     for seed in args.seeds:
         rec = run_seed(args.label, seed, args.steps, weights, args.out,
-                       tuple(args.overrefusal_dev or DEV_OVERREFUSAL), args.data)
+                       tuple(args.overrefusal_dev or DEV_OVERREFUSAL), args.data, overrides)
         records.append(rec)
         with open(log_file, "a") as fh:
             fh.write(json.dumps(rec) + "\n")

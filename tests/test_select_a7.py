@@ -42,6 +42,9 @@ def test_default_config_is_what_the_weighted_candidate_trains(select_a7):
     (["--data", "bundled:contrast_trian"], "Did you mean 'contrast_train'"),
     (["--data", "/no/such/file.jsonl"], "is not a file"),
     (["--data", "bundled:harmful_train", "--weight", "bundled:contrast_train=2"], "not in the recipe's data"),
+    (["--train", "lr_schedule"], "expected KEY=VALUE"),
+    (["--train", "lr_schedule=step"], "lr_schedule"),
+    (["--train", "learning_rate=0.1"], "learning_rate"),
 ])
 def test_bad_data_or_weights_are_clear_errors_before_any_training(select_a7, monkeypatch, tmp_path, argv, message):
     monkeypatch.setattr(sys, "argv", ["select_a7.py", "--label", "t", "--out", str(tmp_path), *argv])
@@ -53,7 +56,7 @@ def test_bad_data_or_weights_are_clear_errors_before_any_training(select_a7, mon
 def test_data_replaces_the_recipe_list_and_reaches_training(select_a7, monkeypatch, tmp_path):
     seen = []
 
-    def fake_run_seed(label, seed, steps, weights, out, overrefusal_dev, data):
+    def fake_run_seed(label, seed, steps, weights, out, overrefusal_dev, data, overrides):
         seen.append(select_a7.candidate_data(list(data), weights))
         return {"label": label, "seed": seed, "jailbreak_plain": 1.0, "jailbreak_templated": 1.0,
                 "overrefusal": 0.0, "overrefusal_parts": {}}
@@ -64,3 +67,13 @@ def test_data_replaces_the_recipe_list_and_reaches_training(select_a7, monkeypat
                                       "--weight", "bundled:contrast_train2=2"])
     select_a7.main()
     assert seen == [["bundled:harmful_train", "bundled:contrast_train2", "bundled:contrast_train2"]]
+
+
+def test_train_overrides_are_typed_and_validated(select_a7):
+    from sstmerge.pipeline.config import load_experiment_config
+
+    recipe = load_experiment_config("default").adapters["A7"].train
+    opts = select_a7.train_options(recipe, 320, {"lr_schedule": "cosine", "warmup_ratio": "0.05"})
+    assert (opts.steps, opts.lr_schedule, opts.warmup_ratio) == (320, "cosine", 0.05)
+    assert opts.model_copy(update={"steps": recipe.steps, "lr_schedule": "constant", "warmup_ratio": 0.0}) == recipe
+    assert select_a7.train_options(recipe, None, {}) == recipe

@@ -202,3 +202,65 @@ def test_answer_loss_equals_the_full_logits_loss_and_its_gradients(tok, examples
     assert g_ref.keys() == g_ours.keys() and g_ref
     for name in g_ref:
         torch.testing.assert_close(g_ours[name], g_ref[name], rtol=1e-4, atol=1e-6)
+
+
+HISTORICAL_OPTION_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "steps", "lr", "batch_size",
+                          "max_length", "seed", "weight_decay", "use_rslora"}
+
+
+@pytest.mark.parametrize("schedule, ratio", [("constant", 0.3), ("linear", 0.0), ("linear", 0.25), ("cosine", 0.1)])
+def test_lr_schedule_follows_its_formula(schedule, ratio):
+    import math
+
+    from sstmerge.train.sft import _lr_scheduler
+
+    steps, lr = 20, 0.5
+    opts = TrainOptions(steps=steps, lr=lr, lr_schedule=schedule, warmup_ratio=ratio)
+    warm = math.ceil(ratio * steps)
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=lr)
+    scheduler = _lr_scheduler(optimizer, opts)
+    seen = []
+    for _ in range(steps):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+
+    def expected(t: int) -> float:
+        if t < warm:
+            return lr * t / warm
+        progress = (t - warm) / (steps - warm)
+        return {"constant": lr, "linear": lr * (1 - progress), "cosine": lr * 0.5 * (1 + math.cos(math.pi * progress))}[schedule]
+
+    assert seen == pytest.approx([expected(t) for t in range(steps)], abs=1e-12)
+    assert seen[-1] < lr or schedule == "constant"
+
+
+def test_constant_rate_without_warmup_needs_no_scheduler_and_keeps_the_dump():
+    from sstmerge.train.sft import _lr_scheduler
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    assert _lr_scheduler(optimizer, TrainOptions()) is None
+    # recipes that do not use a schedule dump (and so hash: adapter cache keys) as before the options existed
+    assert set(TrainOptions().model_dump(mode="json")) == HISTORICAL_OPTION_KEYS
+    scheduled = TrainOptions(lr_schedule="cosine", warmup_ratio=0.1)
+    dump = scheduled.model_dump(mode="json")
+    assert set(dump) == HISTORICAL_OPTION_KEYS | {"lr_schedule", "warmup_ratio"}
+    assert TrainOptions(**dump) == scheduled  # the dump round-trips
+
+
+@pytest.mark.parametrize("bad", [{"lr_schedule": "step"}, {"warmup_ratio": 1.0}, {"warmup_ratio": -0.1}])
+def test_bad_schedule_options_are_rejected(bad):
+    with pytest.raises(ValueError):
+        TrainOptions(**bad)
+
+
+def test_scheduled_training_changes_the_updates(trained, tmp_path, model, tok, examples):
+    report = json.loads((trained["path"] / "train_report.json").read_text())
+    opts = OPTS.model_copy(update={"steps": 3, "lr_schedule": "cosine", "warmup_ratio": 0.5})  # 2 warm-up steps
+    path = train_lora(model, tok, examples, tmp_path / "cosine", opts)
+    again = json.loads((path / "train_report.json").read_text())
+    assert again["options"]["lr_schedule"] == "cosine" and again["options"]["warmup_ratio"] == 0.5
+    assert again["losses"][0] == pytest.approx(report["losses"][0], rel=1e-5)  # same init, same first batch
+    assert again["losses"][1] != pytest.approx(report["losses"][1], rel=1e-4)  # step 0 trained at lr 0
+    assert lora_module_names(model) == []

@@ -1,6 +1,7 @@
 """Minimal LoRA supervised fine-tuning on CPU (PEFT), used to build the demo utility / safety adapters.
 
-This is deliberately small and deterministic: AdamW, a fixed number of optimizer steps, mini-batches
+This is deliberately small and deterministic: AdamW (constant learning rate, or linear / cosine decay to 0
+after a linear warm-up: ``lr_schedule``, ``warmup_ratio``), a fixed number of optimizer steps, mini-batches
 drawn from a seeded permutation of the examples (reshuffled every epoch), and the loss is the mean
 cross-entropy over the *answer* tokens only (labels from :func:`sstmerge.data.chat.encode_example`).
 
@@ -19,9 +20,10 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from .._logging import quiet
 from ..data.chat import IGNORE_INDEX, collate, encode_example, pad_id
@@ -52,6 +54,25 @@ class TrainOptions(BaseModel):
     seed: int = 0
     weight_decay: float = Field(0.0, ge=0.0)
     use_rslora: bool = False
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="learning rate after the warm-up: constant, or linear / cosine decay to 0 at the "
+        "last step (transformers.get_scheduler)")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of the steps (rounded up) of linear "
+                                "warm-up from 0 to lr")
+
+    @property
+    def warmup_steps(self) -> int:
+        return math.ceil(self.warmup_ratio * self.steps)  # as transformers.TrainingArguments.get_warmup_steps
+
+    @model_serializer(mode="wrap")
+    def _omit_schedule_defaults(self, handler):
+        # the schedule options came after the first recipes: left out of dumps at their defaults, so the
+        # cache keys (hashes of the dump) of recipes that do not use them are the ones they always had
+        data = handler(self)
+        for key in ("lr_schedule", "warmup_ratio"):
+            if key in data and data[key] == type(self).model_fields[key].default:
+                del data[key]
+        return data
 
     @field_validator("target_modules")
     @classmethod
@@ -197,9 +218,23 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target[:, keep].flatten(), ignore_index=IGNORE_INDEX)
 
 
+def _lr_scheduler(optimizer, options: TrainOptions):
+    """The learning-rate schedule of ``options`` (``transformers.get_scheduler``), or None for a constant rate
+    without warm-up. With warmup = ⌈warmup_ratio · steps⌉, step t (0-based) trains at lr · t / warmup while
+    t < warmup, then at lr (constant),
+    lr · (steps - t) / (steps - warmup) (linear) or lr · ½ (1 + cos(π (t - warmup) / (steps - warmup))) (cosine)."""
+    if options.lr_schedule == "constant" and options.warmup_steps == 0:
+        return None
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if options.lr_schedule == "constant" else options.lr_schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=options.warmup_steps, num_training_steps=options.steps)
+
+
 def _train_loop(peft_model, encoded: list[dict], pad: int, options: TrainOptions, tqdm) -> tuple[list[float], float]:
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
+    scheduler = _lr_scheduler(optimizer, options)
     gen = torch.Generator().manual_seed(options.seed)
     n = len(encoded)
     bs = min(options.batch_size, n)
@@ -226,6 +261,8 @@ def _train_loop(peft_model, encoded: list[dict], pad: int, options: TrainOptions
                 )
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             losses.append(value)
             if step == 0:
                 logger.info("LoRA SFT: step 1/%d loss %.4f", options.steps, value)
