@@ -243,13 +243,14 @@ def test_constant_rate_without_warmup_needs_no_scheduler_and_keeps_the_dump():
     assert _lr_scheduler(optimizer, TrainOptions()) is None
     # recipes that do not use a schedule dump (and so hash: adapter cache keys) as before the options existed
     assert set(TrainOptions().model_dump(mode="json")) == HISTORICAL_OPTION_KEYS
-    scheduled = TrainOptions(lr_schedule="cosine", warmup_ratio=0.1)
+    scheduled = TrainOptions(lr_schedule="cosine", warmup_ratio=0.1, refusal_unlikelihood=0.5)
     dump = scheduled.model_dump(mode="json")
-    assert set(dump) == HISTORICAL_OPTION_KEYS | {"lr_schedule", "warmup_ratio"}
+    assert set(dump) == HISTORICAL_OPTION_KEYS | {"lr_schedule", "warmup_ratio", "refusal_unlikelihood"}
     assert TrainOptions(**dump) == scheduled  # the dump round-trips
 
 
-@pytest.mark.parametrize("bad", [{"lr_schedule": "step"}, {"warmup_ratio": 1.0}, {"warmup_ratio": -0.1}])
+@pytest.mark.parametrize("bad", [{"lr_schedule": "step"}, {"warmup_ratio": 1.0}, {"warmup_ratio": -0.1},
+                                 {"refusal_unlikelihood": -1.0}, {"refusal_unlikelihood": float("nan")}])
 def test_bad_schedule_options_are_rejected(bad):
     with pytest.raises(ValueError):
         TrainOptions(**bad)
@@ -264,3 +265,74 @@ def test_scheduled_training_changes_the_updates(trained, tmp_path, model, tok, e
     assert again["losses"][0] == pytest.approx(report["losses"][0], rel=1e-5)  # same init, same first batch
     assert again["losses"][1] != pytest.approx(report["losses"][1], rel=1e-4)  # step 0 trained at lr 0
     assert lora_module_names(model) == []
+
+
+def test_refusal_unlikelihood_loss_is_minus_log_of_the_non_opener_mass():
+    from sstmerge.train.sft import refusal_unlikelihood_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11)  # (rows, positions, vocab)
+    target = torch.full((3, 5), -100)
+    target[0, 1:] = 4  # row 0 answers from position 1, row 1 from position 3, row 2 from 0
+    target[1, 3:] = 2
+    target[2, :] = 7
+    openers = [2, 9]
+    discouraged = torch.tensor([True, True, False])
+    p = logits.softmax(-1)
+    expected = -(torch.log(1 - p[0, 1, openers].sum()) + torch.log(1 - p[1, 3, openers].sum())) / 2
+    got = refusal_unlikelihood_loss(logits, target, openers, discouraged)
+    assert got == pytest.approx(float(expected), rel=1e-5)
+    assert float(refusal_unlikelihood_loss(logits, target, openers, torch.zeros(3, dtype=torch.bool))) == 0.0
+    certain = torch.full((1, 1, 11), -50.0)
+    certain[0, 0, 2] = 50.0  # P(opener) = 1: the loss is large but finite
+    loss = refusal_unlikelihood_loss(certain, torch.zeros(1, 1, dtype=torch.long), openers, torch.tensor([True]))
+    assert torch.isfinite(loss) and float(loss) > 10
+
+
+def test_refusal_openers_come_from_the_refusing_answers(tok, examples):
+    from sstmerge.data.chat import encode_example
+    from sstmerge.train.sft import refusal_openers
+
+    encoded = [encode_example(tok, ex, max_length=64) for ex in examples]
+    openers, discouraged = refusal_openers(examples, encoded)
+    first = lambda e: next(t for t in e["labels"] if t != -100)  # noqa: E731
+    refusing = [i for i, ex in enumerate(examples) if ex.response.startswith("I cannot")]
+    assert openers == sorted({first(encoded[i]) for i in refusing})
+    assert discouraged == [i not in refusing for i in range(len(examples))]
+    for data in ([ex for i, ex in enumerate(examples) if i in refusing],
+                 [ex for i, ex in enumerate(examples) if i not in refusing]):
+        with pytest.raises(DataError, match="refusal_unlikelihood needs answers that refuse and answers that do not"):
+            refusal_openers(data, [encode_example(tok, ex, max_length=64) for ex in data])
+
+
+def _opener_probability(model, tok, examples, adapter) -> float:
+    """Mean P(first answer token is a refusal opener) over the non-refusing examples, with ``adapter``."""
+    from peft import PeftModel
+
+    from sstmerge.data.chat import encode_example
+    from sstmerge.train.sft import refusal_openers
+
+    encoded = [encode_example(tok, ex, max_length=64) for ex in examples]
+    openers, discouraged = refusal_openers(examples, encoded)
+    peft_model = PeftModel.from_pretrained(model, str(adapter))
+    probs = []
+    with torch.no_grad():
+        for e, d in zip(encoded, discouraged):
+            if d:
+                at = next(i for i, t in enumerate(e["labels"]) if t != -100) - 1  # the position that predicts it
+                p = peft_model(torch.tensor([e["input_ids"]])).logits[0, at].softmax(-1)
+                probs.append(float(p[openers].sum()))
+    peft_model.unload()
+    return sum(probs) / len(probs)
+
+
+def test_refusal_unlikelihood_lowers_the_refusal_opener_on_helpful_prompts(tmp_path, tok, examples):
+    plain = train_lora(build_model(len(tok)), tok, examples, tmp_path / "plain", OPTS)
+    ul_opts = OPTS.model_copy(update={"refusal_unlikelihood": 1.0})
+    ul = train_lora(build_model(len(tok)), tok, examples, tmp_path / "ul", ul_opts)
+    report = json.loads((ul / "train_report.json").read_text())
+    assert report["n_unlikelihood_examples"] == 6 and report["refusal_openers"]
+    assert report["options"]["refusal_unlikelihood"] == 1.0
+    p_plain = _opener_probability(build_model(len(tok)), tok, examples, plain)
+    p_ul = _opener_probability(build_model(len(tok)), tok, examples, ul)
+    assert p_ul < 0.8 * p_plain, (p_ul, p_plain)  # measured: 0.0051 vs 0.0081

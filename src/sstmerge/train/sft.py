@@ -3,7 +3,9 @@
 This is deliberately small and deterministic: AdamW (constant learning rate, or linear / cosine decay to 0
 after a linear warm-up: ``lr_schedule``, ``warmup_ratio``), a fixed number of optimizer steps, mini-batches
 drawn from a seeded permutation of the examples (reshuffled every epoch), and the loss is the mean
-cross-entropy over the *answer* tokens only (labels from :func:`sstmerge.data.chat.encode_example`).
+cross-entropy over the *answer* tokens only (labels from :func:`sstmerge.data.chat.encode_example`), plus, with
+``refusal_unlikelihood`` > 0, an unlikelihood term that lowers the probability of a refusal's first token on
+the prompts whose answers do not refuse (:func:`refusal_unlikelihood_loss`).
 
 The caller's model is **not** left modified: :func:`train_lora` injects LoRA layers with
 ``peft.get_peft_model``, trains, saves the adapter, then ``unload()``\\ s the PEFT wrapper (which puts the
@@ -59,6 +61,9 @@ class TrainOptions(BaseModel):
         "last step (transformers.get_scheduler)")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of the steps (rounded up) of linear "
                                 "warm-up from 0 to lr")
+    refusal_unlikelihood: float = Field(
+        0.0, ge=0.0, description="weight of the refusal-opener unlikelihood term on the answers that do not refuse "
+        "(refusal_unlikelihood_loss); 0 = plain cross-entropy")
 
     @property
     def warmup_steps(self) -> int:
@@ -69,7 +74,7 @@ class TrainOptions(BaseModel):
         # the schedule options came after the first recipes: left out of dumps at their defaults, so the
         # cache keys (hashes of the dump) of recipes that do not use them are the ones they always had
         data = handler(self)
-        for key in ("lr_schedule", "warmup_ratio"):
+        for key in ("lr_schedule", "warmup_ratio", "refusal_unlikelihood"):
             if key in data and data[key] == type(self).model_fields[key].default:
                 del data[key]
         return data
@@ -136,6 +141,7 @@ def train_lora(
     pad = pad_id(tokenizer)
     n = len(encoded)
     n_answer_tokens = sum(sum(1 for t in e["labels"] if t != -100) for e in encoded)
+    openers, discouraged = refusal_openers(examples, encoded) if options.refusal_unlikelihood > 0 else ([], [])
 
     params = dict(model.named_parameters())
     dtypes = {p.dtype for p in params.values()}
@@ -165,7 +171,7 @@ def train_lora(
                 f"check target_modules={list(options.target_modules)}"
             ) from exc
         try:
-            losses, seconds = _train_loop(peft_model, encoded, pad, options, tqdm)
+            losses, seconds = _train_loop(peft_model, encoded, pad, options, tqdm, openers, discouraged)
             if base_model_name_or_path is not None:
                 for cfg in peft_model.peft_config.values():
                     cfg.base_model_name_or_path = base_model_name_or_path
@@ -178,6 +184,8 @@ def train_lora(
                 "options": options.model_dump(mode="json"),
                 "n_examples": n,
                 "n_answer_tokens": n_answer_tokens,
+                **({"refusal_openers": tokenizer.convert_ids_to_tokens(openers),
+                    "n_unlikelihood_examples": sum(discouraged)} if openers else {}),
                 "initial_loss": _mean(losses[:k]),
                 "final_loss": _mean(losses[-k:]),
                 "losses": losses,
@@ -203,6 +211,65 @@ def train_lora(
     return dest
 
 
+def refusal_openers(examples: list[Example], encoded: list[dict]) -> tuple[list[int], list[bool]]:
+    """The first answer tokens of the examples whose answer is a refusal (keyword judge), and, per example,
+    whether its answer does not refuse and does not itself start with one of them (the examples the refusal
+    unlikelihood applies to).
+
+    Raises :class:`DataError` when the data has no refusing or no non-refusing answer (nothing to contrast).
+    """
+    from ..eval.judges import KeywordRefusalJudge
+
+    judge = KeywordRefusalJudge()
+    refuses = [judge.is_refusal(ex.answer()) for ex in examples]
+    first = [next((t for t in e["labels"] if t != IGNORE_INDEX), None) for e in encoded]
+    openers = sorted({t for t, r in zip(first, refuses) if r and t is not None})
+    if not openers or all(refuses):
+        raise DataError(
+            f"refusal_unlikelihood needs answers that refuse and answers that do not; the data has "
+            f"{sum(refuses)} refusing of {len(examples)} (keyword judge). Add both, or set refusal_unlikelihood: 0"
+        )
+    discouraged = [not r and t is not None and t not in openers for t, r in zip(first, refuses)]
+    return openers, discouraged
+
+
+def _answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions where some row predicts an answer token, and what they predict.
+
+    Returns ``logits`` (rows, positions, vocab) in float32 and ``target`` (rows, positions), -100 where the
+    row has no answer token there.
+    """
+    target = batch["labels"][:, 1:]  # (rows, width - 1): what position t predicts
+    keep = (target != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (positions,) with an answer token in any row
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                logits_to_keep=keep)
+    return out.logits.float(), target[:, keep]
+
+
+def refusal_unlikelihood_loss(logits: torch.Tensor, target: torch.Tensor, openers: list[int],
+                              discouraged: torch.Tensor) -> torch.Tensor:
+    """Mean over the ``discouraged`` rows of −log(1 − P(first answer token ∈ openers)): unlikelihood
+    training (Welleck et al., 2020) of the refusal openers at the one position where an answer decides to refuse.
+
+    Greedy decoding refuses whenever the single most likely first token opens a refusal; with every refusal
+    starting alike and helpful answers starting in many ways, that happens at a refusal probability well
+    under one half. Cross-entropy on a helpful answer raises its own first token; this term lowers the
+    refusal openers' total probability on the same prompt directly.
+
+    ``logits`` (rows, positions, vocab), ``target`` (rows, positions; -100 = no answer token), ``discouraged``
+    (rows,) bool. Zero when no row is discouraged.
+    """
+    rows = discouraged.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return logits.new_zeros(())
+    answer = target[rows] != IGNORE_INDEX  # (k, positions)
+    first = answer.float().argmax(1)  # (k,) the first answer position of each discouraged row
+    logp = torch.log_softmax(logits[rows, first], dim=-1)  # (k, vocab)
+    log_p_open = torch.logsumexp(logp[:, openers], dim=-1)  # (k,) log P(opener)
+    # −log(1 − p) = −log(−expm1(log p)), stable near p = 0; p is kept below 1 so the loss stays finite
+    return -torch.log(-torch.expm1(log_p_open.clamp(max=math.log1p(-1e-6)))).mean()
+
+
 def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over the answer tokens (labels != -100), token t+1 predicted at position t: the value
     of ``model(**batch).loss``, with the LM head (49,152 × 576 on SmolLM2, a fifth of its weights) applied only
@@ -210,12 +277,8 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
     ``batch``: ``input_ids``, ``attention_mask``, ``labels``, each (rows, width).
     """
-    target = batch["labels"][:, 1:]  # (rows, width - 1): what position t predicts
-    keep = (target != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (positions,) with an answer token in any row
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                logits_to_keep=keep)
-    logits = out.logits.float()  # (rows, positions, vocab)
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target[:, keep].flatten(), ignore_index=IGNORE_INDEX)
+    logits, target = _answer_logits(model, batch)  # (rows, positions, vocab), (rows, positions)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def _lr_scheduler(optimizer, options: TrainOptions):
@@ -231,7 +294,8 @@ def _lr_scheduler(optimizer, options: TrainOptions):
     return get_scheduler(name, optimizer, num_warmup_steps=options.warmup_steps, num_training_steps=options.steps)
 
 
-def _train_loop(peft_model, encoded: list[dict], pad: int, options: TrainOptions, tqdm) -> tuple[list[float], float]:
+def _train_loop(peft_model, encoded: list[dict], pad: int, options: TrainOptions, tqdm, openers: list[int] = (),
+                discouraged: list[bool] = ()) -> tuple[list[float], float]:
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
     scheduler = _lr_scheduler(optimizer, options)
@@ -243,7 +307,7 @@ def _train_loop(peft_model, encoded: list[dict], pad: int, options: TrainOptions
         while True:  # one permutation per epoch, cycled until enough steps are done
             order = torch.randperm(n, generator=gen).tolist()
             for i in range(0, n, bs):
-                yield [encoded[j] for j in order[i:i + bs]]
+                yield order[i:i + bs]
 
     peft_model.train()
     losses: list[float] = []
@@ -251,9 +315,17 @@ def _train_loop(peft_model, encoded: list[dict], pad: int, options: TrainOptions
     it = batches()
     with tqdm(total=options.steps, desc="LoRA SFT", unit="step", disable=quiet()) as bar:
         for step in range(options.steps):
-            batch = collate(next(it), pad, padding_side="right")
+            rows = next(it)
+            batch = collate([encoded[j] for j in rows], pad, padding_side="right")
             optimizer.zero_grad(set_to_none=True)
-            loss = answer_loss(peft_model, batch)
+            if options.refusal_unlikelihood > 0:
+                logits, target = _answer_logits(peft_model, batch)
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(),
+                                                         ignore_index=IGNORE_INDEX)
+                loss = loss + options.refusal_unlikelihood * refusal_unlikelihood_loss(
+                    logits, target, list(openers), torch.tensor([discouraged[j] for j in rows]))
+            else:
+                loss = answer_loss(peft_model, batch)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise ModelError(
