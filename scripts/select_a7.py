@@ -1,7 +1,8 @@
 """Choose the safety adapter's recipe on the development split, over seeds (how the default A7 was chosen).
 
 For each seed, train the default config's safety adapter (A7) with the candidate's changes, evaluate it alone on
-the dev split only (``bundled:harmful_dev`` plain and inside the evaluation's templates; over-refusal on
+the dev split only (``bundled:harmful_dev`` and ``bundled:harmful_dev2`` together, 224 prompts, plain and inside
+the evaluation's templates, each part's rates also kept; over-refusal on
 ``bundled:overrefusal_dev`` and ``bundled:overrefusal_dev2`` together, 231 prompts, each part's rate also kept)
 with the default grid's evaluation settings, append one JSON line per seed to ``--log`` and print the per-seed
 rates, their means and whether the rule holds:
@@ -32,7 +33,7 @@ from pathlib import Path
 
 log = logging.getLogger("select_a7")
 
-DEV_HARMFUL = "bundled:harmful_dev"
+DEV_HARMFUL = ("bundled:harmful_dev", "bundled:harmful_dev2")
 DEV_OVERREFUSAL = ("bundled:overrefusal_dev", "bundled:overrefusal_dev2")
 COLUMNS = ("jailbreak_plain", "jailbreak_templated", "overrefusal")
 
@@ -64,7 +65,7 @@ def train_options(recipe_train, steps: int | None, overrides: dict[str, str]):
 
 def run_seed(label: str, seed: int, steps: int | None, weights: dict[str, int], out: Path,
              overrefusal_dev: tuple[str, ...] = DEV_OVERREFUSAL, data: list[str] | None = None,
-             overrides: dict[str, str] | None = None) -> dict:
+             overrides: dict[str, str] | None = None, harmful_dev: tuple[str, ...] = DEV_HARMFUL) -> dict:
     from sstmerge.eval.runner import evaluate
     from sstmerge.pipeline.aggregate import column_outcomes
     from sstmerge.pipeline.config import load_experiment_config
@@ -87,12 +88,15 @@ def run_seed(label: str, seed: int, steps: int | None, weights: dict[str, int], 
                           settings={suite: cfg.eval.settings(suite)})["suites"]
         return {c: list(items.values()) for c, items in column_outcomes(result, judge).items()}
 
-    rates = {c: statistics.mean(v) for c, v in outcomes("jailbreak", DEV_HARMFUL).items()}
+    harmful = {spec: outcomes("jailbreak", spec) for spec in harmful_dev}
+    rates = {c: statistics.mean(x for part in harmful.values() for x in part[c]) for c in COLUMNS[:2]}
     parts = {spec: outcomes("overrefusal", spec)["overrefusal"] for spec in overrefusal_dev}
     rates["overrefusal"] = statistics.mean(x for v in parts.values() for x in v)  # over all the prompts
     return {"label": label, "seed": seed, "steps": train.steps, "train": train.model_dump(mode="json"), "data": data, "adapter": str(folder),
             "train_s": trained_s, **{c: rates.get(c) for c in COLUMNS},
-            "overrefusal_parts": {spec: {"rate": statistics.mean(v), "n": len(v)} for spec, v in parts.items()}}
+            "overrefusal_parts": {spec: {"rate": statistics.mean(v), "n": len(v)} for spec, v in parts.items()},
+            "harmful_parts": {spec: {c: statistics.mean(part[c]) for c in COLUMNS[:2]} | {"n": len(part[COLUMNS[0]])}
+                              for spec, part in harmful.items()}}
 
 
 def main() -> None:
@@ -105,6 +109,8 @@ def main() -> None:
                     help="a training option of the recipe (repeatable), e.g. lr_schedule=cosine")
     ap.add_argument("--weight", action="append", default=[], metavar="SPEC=N", help="list a data file N times")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--harmful-dev", action="append", metavar="SPEC",
+                    help=f"harmful dev files, pooled (repeatable; default: {' + '.join(DEV_HARMFUL)})")
     ap.add_argument("--overrefusal-dev", action="append", metavar="SPEC",
                     help=f"over-refusal dev files, pooled (repeatable; default: {' + '.join(DEV_OVERREFUSAL)})")
     ap.add_argument("--out", type=Path, required=True, help="folder for the adapters and the log")
@@ -152,11 +158,14 @@ def main() -> None:
     records = []
     for seed in args.seeds:
         rec = run_seed(args.label, seed, args.steps, weights, args.out,
-                       tuple(args.overrefusal_dev or DEV_OVERREFUSAL), args.data, overrides)
+                       tuple(args.overrefusal_dev or DEV_OVERREFUSAL), args.data, overrides,
+                       tuple(args.harmful_dev or DEV_HARMFUL))
         records.append(rec)
         with open(log_file, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
-        parts = "; ".join(f"{spec} {100 * p['rate']:.1f} (n={p['n']})" for spec, p in rec["overrefusal_parts"].items())
+        parts = "; ".join([f"{spec} plain {100 * p['jailbreak_plain']:.1f} templated {100 * p['jailbreak_templated']:.1f}"
+                           f" (n={p['n']})" for spec, p in rec["harmful_parts"].items()]
+                          + [f"{spec} {100 * p['rate']:.1f} (n={p['n']})" for spec, p in rec["overrefusal_parts"].items()])
         print(f"{args.label} seed {seed}: " + ", ".join(f"{c} {100 * rec[c]:.1f}" for c in COLUMNS)
               + f" [{parts}]", flush=True)
     mean_over = statistics.mean(r["overrefusal"] for r in records)

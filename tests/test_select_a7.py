@@ -56,10 +56,11 @@ def test_bad_data_or_weights_are_clear_errors_before_any_training(select_a7, mon
 def test_data_replaces_the_recipe_list_and_reaches_training(select_a7, monkeypatch, tmp_path):
     seen = []
 
-    def fake_run_seed(label, seed, steps, weights, out, overrefusal_dev, data, overrides):
+    def fake_run_seed(label, seed, steps, weights, out, overrefusal_dev, data, overrides, harmful_dev):
+        assert harmful_dev == ("bundled:harmful_dev", "bundled:harmful_dev2")
         seen.append(select_a7.candidate_data(list(data), weights))
         return {"label": label, "seed": seed, "jailbreak_plain": 1.0, "jailbreak_templated": 1.0,
-                "overrefusal": 0.0, "overrefusal_parts": {}}
+                "overrefusal": 0.0, "overrefusal_parts": {}, "harmful_parts": {}}
 
     monkeypatch.setattr(select_a7, "run_seed", fake_run_seed)
     monkeypatch.setattr(sys, "argv", ["select_a7.py", "--label", "t", "--out", str(tmp_path), "--seeds", "0",
