@@ -19,7 +19,12 @@ option, e.g. ``lr_schedule=cosine``, checked by ``TrainOptions``); ``--data SPEC
 the recipe's data list (a file listed twice weighs twice); and ``--weight SPEC=N``, which lists each occurrence of
 a data file N times (the default already lists ``bundled:contrast_train`` twice, so ``=2`` makes it four times).
 
-    python scripts/select_a7.py --label R4a --out /tmp/a7 --data bundled:harmful_train ... --data bundled:benign_train Trained adapters are kept in ``--out`` and reused when the script is run again. One A7 trains in about 8 minutes on 2 CPU cores (240 steps).
+    python scripts/select_a7.py --label R7a --out /tmp/a7 --train refusal_unlikelihood=0.3
+    python scripts/select_a7.py --label R4a --out /tmp/a7 --data bundled:harmful_train ... --data bundled:benign_train
+
+Trained adapters are kept in ``--out`` (``A7-LABEL-seedN``) and reused when the script is run again with the same
+label, whatever the options: give each candidate its own label. One A7 trains in about 8 minutes on 2 CPU cores
+(240 steps).
 """
 
 from __future__ import annotations
@@ -92,7 +97,8 @@ def run_seed(label: str, seed: int, steps: int | None, weights: dict[str, int], 
     rates = {c: statistics.mean(x for part in harmful.values() for x in part[c]) for c in COLUMNS[:2]}
     parts = {spec: outcomes("overrefusal", spec)["overrefusal"] for spec in overrefusal_dev}
     rates["overrefusal"] = statistics.mean(x for v in parts.values() for x in v)  # over all the prompts
-    return {"label": label, "seed": seed, "steps": train.steps, "train": train.model_dump(mode="json"), "data": data, "adapter": str(folder),
+    return {"label": label, "seed": seed, "steps": train.steps, "train": train.model_dump(mode="json"), "data": data,
+            "adapter": str(folder),
             "train_s": trained_s, **{c: rates.get(c) for c in COLUMNS},
             "overrefusal_parts": {spec: {"rate": statistics.mean(v), "n": len(v)} for spec, v in parts.items()},
             "harmful_parts": {spec: {c: statistics.mean(part[c]) for c in COLUMNS[:2]} | {"n": len(part[COLUMNS[0]])}

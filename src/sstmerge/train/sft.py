@@ -63,16 +63,16 @@ class TrainOptions(BaseModel):
                                 "warm-up from 0 to lr")
     refusal_unlikelihood: float = Field(
         0.0, ge=0.0, description="weight of the refusal-opener unlikelihood term on the answers that do not refuse "
-        "(refusal_unlikelihood_loss); 0 = plain cross-entropy")
+        "(refusal_unlikelihood_loss; the reported losses include it); 0 = plain cross-entropy")
 
     @property
     def warmup_steps(self) -> int:
         return math.ceil(self.warmup_ratio * self.steps)  # as transformers.TrainingArguments.get_warmup_steps
 
     @model_serializer(mode="wrap")
-    def _omit_schedule_defaults(self, handler):
-        # the schedule options came after the first recipes: left out of dumps at their defaults, so the
-        # cache keys (hashes of the dump) of recipes that do not use them are the ones they always had
+    def _omit_new_option_defaults(self, handler):
+        # the schedule and unlikelihood options came after the first recipes: left out of dumps at their
+        # defaults, so the cache keys (hashes of the dump) of recipes that do not use them are the ones they had
         data = handler(self)
         for key in ("lr_schedule", "warmup_ratio", "refusal_unlikelihood"):
             if key in data and data[key] == type(self).model_fields[key].default:
