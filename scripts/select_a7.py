@@ -19,7 +19,7 @@ option, e.g. ``lr_schedule=cosine``, checked by ``TrainOptions``); ``--data SPEC
 the recipe's data list (a file listed twice weighs twice); and ``--weight SPEC=N``, which lists each occurrence of
 a data file N times (the default already lists ``bundled:contrast_train`` twice, so ``=2`` makes it four times).
 
-    python scripts/select_a7.py --label R7a --out /tmp/a7 --train refusal_unlikelihood=0.3
+    python scripts/select_a7.py --label R8a --out /tmp/a7 --train refusal_unlikelihood=0.1
     python scripts/select_a7.py --label R4a --out /tmp/a7 --data bundled:harmful_train ... --data bundled:benign_train
 
 Trained adapters are kept in ``--out`` (``A7-LABEL-seedN``) and reused when the script is run again with the same
