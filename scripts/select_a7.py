@@ -138,10 +138,9 @@ def main() -> None:
         if not spec or not n.isdigit() or int(n) < 1:
             raise SystemExit(f"--weight {w!r}: expected SPEC=N with N >= 1, e.g. bundled:contrast_train=2")
         weights[spec] = int(n)
-    from sstmerge.pipeline.config import load_experiment_config
-
     from sstmerge.data.jsonl import resolve_data
     from sstmerge.errors import SSTMergeError
+    from sstmerge.pipeline.config import load_experiment_config
 
     cfg = load_experiment_config("default")
     for spec in args.data or []:  # a bad --data or --weight fails before any training

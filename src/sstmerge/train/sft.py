@@ -277,7 +277,11 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
     ``batch``: ``input_ids``, ``attention_mask``, ``labels``, each (rows, width).
     """
-    logits, target = _answer_logits(model, batch)  # (rows, positions, vocab), (rows, positions)
+    return _answer_cross_entropy(*_answer_logits(model, batch))
+
+
+def _answer_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` (rows, positions, vocab) against ``target`` (rows, positions; -100 ignored)."""
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
 
 
@@ -318,14 +322,11 @@ def _train_loop(peft_model, encoded: list[dict], pad: int, options: TrainOptions
             rows = next(it)
             batch = collate([encoded[j] for j in rows], pad, padding_side="right")
             optimizer.zero_grad(set_to_none=True)
+            logits, target = _answer_logits(peft_model, batch)  # (rows, positions, vocab), (rows, positions)
+            loss = _answer_cross_entropy(logits, target)
             if options.refusal_unlikelihood > 0:
-                logits, target = _answer_logits(peft_model, batch)
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(),
-                                                         ignore_index=IGNORE_INDEX)
                 loss = loss + options.refusal_unlikelihood * refusal_unlikelihood_loss(
                     logits, target, list(openers), torch.tensor([discouraged[j] for j in rows]))
-            else:
-                loss = answer_loss(peft_model, batch)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise ModelError(
