@@ -10,6 +10,7 @@ import pytest
 from sstmerge.data.examples import Example
 from sstmerge.data.jsonl import BUNDLED_NAMES, bundled_path, load_examples, resolve_data
 from sstmerge.errors import DataError
+from sstmerge.eval.judges import KeywordRefusalJudge
 
 REFUSAL_PREFIXES = ("I'm sorry", "I can't", "I cannot")
 EXPECTED_ROWS = {"harmful_train": 64, "harmful_eval": 216, "benign_train": 64, "benign_eval": 48}
@@ -311,6 +312,15 @@ def test_bundled_prompt_sets_disjoint(a: str, b: str) -> None:
 def test_bundled_harmful_responses_are_refusals(name: str) -> None:
     for e in _bundled(name):
         assert e.response.startswith(REFUSAL_PREFIXES), e.response
+
+
+@pytest.mark.parametrize("name", ["harmful_train_short", "harmful_dev", "harmful_dev2", "harmful_dev3"])
+def test_later_harmful_sets_answer_with_refusals_the_judge_recognises(name: str) -> None:
+    """Their refusals vary more ("I won't ..."), but each starts with "I" (the opener the unlikelihood term reads
+    from the data) and the evaluation's keyword judge counts it as a refusal."""
+    judge = KeywordRefusalJudge()
+    for e in _bundled(name):
+        assert e.response.startswith("I") and judge.is_refusal(e.response), e.response
 
 
 @pytest.mark.parametrize("name", ["benign_train", "benign_eval", "contrast_train", "overrefusal"])

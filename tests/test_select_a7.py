@@ -45,6 +45,8 @@ def test_default_config_is_what_the_weighted_candidate_trains(select_a7):
     (["--train", "lr_schedule"], "expected KEY=VALUE"),
     (["--train", "lr_schedule=step"], "lr_schedule"),
     (["--train", "learning_rate=0.1"], "learning_rate"),
+    (["--min-part-plain", "bundled:harmful_dev9=0.9"], "one of the harmful dev parts"),
+    (["--min-part-plain", "bundled:harmful_dev3=high"], "expected SPEC=RATE"),
 ])
 def test_bad_data_or_weights_are_clear_errors_before_any_training(select_a7, monkeypatch, tmp_path, argv, message):
     monkeypatch.setattr(sys, "argv", ["select_a7.py", "--label", "t", "--out", str(tmp_path), *argv])
@@ -57,7 +59,7 @@ def test_data_replaces_the_recipe_list_and_reaches_training(select_a7, monkeypat
     seen = []
 
     def fake_run_seed(label, seed, steps, weights, out, overrefusal_dev, data, overrides, harmful_dev):
-        assert harmful_dev == ("bundled:harmful_dev", "bundled:harmful_dev2")
+        assert harmful_dev == ("bundled:harmful_dev", "bundled:harmful_dev2", "bundled:harmful_dev3")
         seen.append(select_a7.candidate_data(list(data), weights))
         return {"label": label, "seed": seed, "jailbreak_plain": 1.0, "jailbreak_templated": 1.0,
                 "overrefusal": 0.0, "overrefusal_parts": {}, "harmful_parts": {}}
@@ -78,3 +80,19 @@ def test_train_overrides_are_typed_and_validated(select_a7):
     assert (opts.steps, opts.lr_schedule, opts.warmup_ratio) == (320, "cosine", 0.05)
     assert opts.model_copy(update={"steps": recipe.steps, "lr_schedule": "constant", "warmup_ratio": 0.0}) == recipe
     assert select_a7.train_options(recipe, None, {}) == recipe
+
+
+@pytest.mark.parametrize("dev3_plain, verdict", [(0.95, "HOLDS"), (0.85, "does not hold")])
+def test_a_part_floor_decides_the_rule(select_a7, monkeypatch, tmp_path, capsys, dev3_plain, verdict):
+    """The pooled rates pass in both cases; only harmful_dev3's own plain rate differs."""
+    def fake_run_seed(label, seed, *args):
+        parts = {"bundled:harmful_dev": {"jailbreak_plain": 1.0, "jailbreak_templated": 1.0, "n": 70},
+                 "bundled:harmful_dev3": {"jailbreak_plain": dev3_plain, "jailbreak_templated": 1.0, "n": 112}}
+        return {"label": label, "seed": seed, "jailbreak_plain": 0.95, "jailbreak_templated": 1.0,
+                "overrefusal": 0.05, "overrefusal_parts": {}, "harmful_parts": parts}
+
+    monkeypatch.setattr(select_a7, "run_seed", fake_run_seed)
+    monkeypatch.setattr(sys, "argv", ["select_a7.py", "--label", "t", "--out", str(tmp_path), "--seeds", "0", "1",
+                                      "--min-part-plain", "bundled:harmful_dev3=0.9"])
+    select_a7.main()
+    assert capsys.readouterr().out.strip().endswith(f"rule {verdict}")

@@ -84,6 +84,8 @@ EXAMPLE_BUNDLED_NAMES: tuple[str, ...] = (
     "overrefusal_dev",
     "overrefusal_dev2",
     "harmful_dev2",
+    "harmful_train_short",
+    "harmful_dev3",
 )
 #: Short names accepted by :func:`bundled_path` (the file is ``<name>.jsonl``). The files after the
 #: example files hold evaluation data in other layouts, read by :mod:`sstmerge.eval.data`
