@@ -2,8 +2,7 @@
 
 For each seed, train the default config's safety adapter (A7) with the candidate's changes, evaluate it alone on
 the dev split only (``bundled:harmful_dev``, ``bundled:harmful_dev2`` and ``bundled:harmful_dev3`` together, 336
-prompts, plain and inside
-the evaluation's templates, each part's rates also kept; over-refusal on
+prompts, plain and inside the evaluation's templates, each part's rates also kept; over-refusal on
 ``bundled:overrefusal_dev`` and ``bundled:overrefusal_dev2`` together, 231 prompts, each part's rate also kept)
 with the default grid's evaluation settings, append one JSON line per seed to ``--log`` and print the per-seed
 rates, their means and whether the rule holds:
@@ -68,6 +67,20 @@ def train_options(recipe_train, steps: int | None, overrides: dict[str, str]):
         return TrainOptions(**values)
     except ValidationError as err:
         raise SystemExit(f"--train {overrides}: {err}") from None
+
+
+def part_floor(kv: str, parts: tuple[str, ...]) -> tuple[str, float]:
+    """``SPEC=RATE`` of ``--min-part-plain`` as (spec, rate); SystemExit unless SPEC is one of ``parts`` and RATE a
+    number in [0, 1]."""
+    spec, _, rate = kv.rpartition("=")
+    try:
+        value = float(rate)
+    except ValueError:
+        value = -1.0
+    if spec not in parts or not 0.0 <= value <= 1.0:
+        raise SystemExit(f"--min-part-plain {kv!r}: expected SPEC=RATE with SPEC one of the harmful dev parts "
+                         f"{list(parts)} and RATE in [0, 1], e.g. bundled:harmful_dev3=0.9")
+    return spec, value
 
 
 def run_seed(label: str, seed: int, steps: int | None, weights: dict[str, int], out: Path,
@@ -163,16 +176,7 @@ def main() -> None:
         overrides[key] = value
     train_options(cfg.adapters[cfg.safety].train, args.steps, overrides)
     harmful_dev = tuple(args.harmful_dev or DEV_HARMFUL)
-    part_floors = {}
-    for kv in args.min_part_plain:
-        spec, _, rate = kv.rpartition("=")
-        try:
-            part_floors[spec] = float(rate)
-        except ValueError:
-            spec = ""
-        if spec not in harmful_dev:
-            raise SystemExit(f"--min-part-plain {kv!r}: expected SPEC=RATE with SPEC one of the harmful dev parts "
-                             f"{list(harmful_dev)}, e.g. bundled:harmful_dev3=0.9")
+    part_floors = dict(part_floor(kv, harmful_dev) for kv in args.min_part_plain)
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = args.log or args.out / "select_a7.jsonl"
     records = []

@@ -47,6 +47,7 @@ def test_default_config_is_what_the_weighted_candidate_trains(select_a7):
     (["--train", "learning_rate=0.1"], "learning_rate"),
     (["--min-part-plain", "bundled:harmful_dev9=0.9"], "one of the harmful dev parts"),
     (["--min-part-plain", "bundled:harmful_dev3=high"], "expected SPEC=RATE"),
+    (["--min-part-plain", "bundled:harmful_dev3=90"], "RATE in"),
 ])
 def test_bad_data_or_weights_are_clear_errors_before_any_training(select_a7, monkeypatch, tmp_path, argv, message):
     monkeypatch.setattr(sys, "argv", ["select_a7.py", "--label", "t", "--out", str(tmp_path), *argv])
