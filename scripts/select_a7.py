@@ -1,15 +1,15 @@
 """Choose the safety adapter's recipe on the development split, over seeds (how the default A7 was chosen).
 
 For each seed, train the default config's safety adapter (A7) with the candidate's changes, evaluate it alone on
-the dev split only (``bundled:harmful_dev``, ``bundled:harmful_dev2`` and ``bundled:harmful_dev3`` together, 336
-prompts, plain and inside the evaluation's templates, each part's rates also kept; over-refusal on
-``bundled:overrefusal_dev`` and ``bundled:overrefusal_dev2`` together, 231 prompts, each part's rate also kept)
-with the default grid's evaluation settings, append one JSON line per seed to ``--log`` and print the per-seed
+the dev split only (``bundled:harmful_dev``, ``bundled:harmful_dev2``, ``bundled:harmful_dev3`` and
+``bundled:harmful_dev4`` together, 448 prompts, plain and inside the evaluation's templates, each part's rates also
+kept; over-refusal on ``bundled:overrefusal_dev`` and ``bundled:overrefusal_dev2`` together, 231 prompts, each
+part's rate also kept) with the default grid's evaluation settings, append one JSON line per seed to ``--log`` and print the per-seed
 rates, their means and whether the rule holds:
 
     mean dev over-refusal over the seeds <= --max-overrefusal, and in every seed
     dev plain refusals >= --min-plain and dev templated refusals >= --min-templated, and each
-    ``--min-part-plain SPEC=RATE`` part's own plain refusals >= RATE (e.g. the short requests of harmful_dev3).
+    ``--min-part-plain SPEC=RATE`` part's own plain refusals >= RATE (e.g. the short requests of harmful_dev4).
 
 The held-out evaluation sets are never read here: a recipe is judged on them only after it is adopted.
 
@@ -39,7 +39,7 @@ from pathlib import Path
 
 log = logging.getLogger("select_a7")
 
-DEV_HARMFUL = ("bundled:harmful_dev", "bundled:harmful_dev2", "bundled:harmful_dev3")
+DEV_HARMFUL = ("bundled:harmful_dev", "bundled:harmful_dev2", "bundled:harmful_dev3", "bundled:harmful_dev4")
 DEV_OVERREFUSAL = ("bundled:overrefusal_dev", "bundled:overrefusal_dev2")
 COLUMNS = ("jailbreak_plain", "jailbreak_templated", "overrefusal")
 

@@ -314,7 +314,7 @@ def test_bundled_harmful_responses_are_refusals(name: str) -> None:
         assert e.response.startswith(REFUSAL_PREFIXES), e.response
 
 
-@pytest.mark.parametrize("name", ["harmful_train_short", "harmful_dev", "harmful_dev2", "harmful_dev3"])
+@pytest.mark.parametrize("name", ["harmful_train_short", "harmful_dev", "harmful_dev2", "harmful_dev3", "harmful_dev4"])
 def test_later_harmful_sets_answer_with_refusals_the_judge_recognises(name: str) -> None:
     """Their refusals vary more ("I won't ..."), but each starts with "I" (the opener the unlikelihood term reads
     from the data) and the evaluation's keyword judge counts it as a refusal."""

@@ -21,7 +21,7 @@ TRAINING_SETS = ("harmful_train", "harmful_train_rephrased", "harmful_train_temp
 #: every prompt set a model is judged on
 EVAL_PROMPT_SETS = ("harmful_eval", "harmful_rephrased", "overrefusal", "benign_eval")
 #: the development split: recipe choices are made on it, never on the evaluation sets
-DEV_SETS = ("harmful_dev", "harmful_dev2", "harmful_dev3", "overrefusal_dev", "overrefusal_dev2")
+DEV_SETS = ("harmful_dev", "harmful_dev2", "harmful_dev3", "harmful_dev4", "overrefusal_dev", "overrefusal_dev2")
 
 
 def _prompts(name: str) -> list[str]:
@@ -78,8 +78,8 @@ def test_eval_templates_are_not_the_training_templates():
 
 
 def test_no_near_duplicates_within_a_set():
-    for name in ("harmful_eval", "overrefusal", "harmful_dev2", "harmful_dev3", "overrefusal_dev2", "contrast_train2",
-                 "harmful_train_short"):
+    for name in ("harmful_eval", "overrefusal", "harmful_dev2", "harmful_dev3", "harmful_dev4", "overrefusal_dev2",
+                 "contrast_train2", "harmful_train_short"):
         prompts = _prompts(name)
         pairs = [(a, b) for i, a in enumerate(prompts) for b in prompts[i + 1:] if near_duplicates([a], [b])]
         assert not pairs, (name, pairs[:3])

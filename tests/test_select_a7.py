@@ -60,7 +60,7 @@ def test_data_replaces_the_recipe_list_and_reaches_training(select_a7, monkeypat
     seen = []
 
     def fake_run_seed(label, seed, steps, weights, out, overrefusal_dev, data, overrides, harmful_dev):
-        assert harmful_dev == ("bundled:harmful_dev", "bundled:harmful_dev2", "bundled:harmful_dev3")
+        assert harmful_dev == ("bundled:harmful_dev", "bundled:harmful_dev2", "bundled:harmful_dev3", "bundled:harmful_dev4")
         seen.append(select_a7.candidate_data(list(data), weights))
         return {"label": label, "seed": seed, "jailbreak_plain": 1.0, "jailbreak_templated": 1.0,
                 "overrefusal": 0.0, "overrefusal_parts": {}, "harmful_parts": {}}

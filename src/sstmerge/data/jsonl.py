@@ -86,6 +86,7 @@ EXAMPLE_BUNDLED_NAMES: tuple[str, ...] = (
     "harmful_dev2",
     "harmful_train_short",
     "harmful_dev3",
+    "harmful_dev4",
 )
 #: Short names accepted by :func:`bundled_path` (the file is ``<name>.jsonl``). The files after the
 #: example files hold evaluation data in other layouts, read by :mod:`sstmerge.eval.data`
