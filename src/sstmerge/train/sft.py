@@ -313,6 +313,8 @@ def _train_loop(peft_model, encoded: list[dict], pad: int, options: TrainOptions
             for i in range(0, n, bs):
                 yield order[i:i + bs]
 
+    opener_ids = list(openers)  # a list: a tuple would index several dimensions
+    discouraged_rows = torch.tensor(list(discouraged), dtype=torch.bool)  # (examples,)
     peft_model.train()
     losses: list[float] = []
     start = time.perf_counter()
@@ -326,7 +328,7 @@ def _train_loop(peft_model, encoded: list[dict], pad: int, options: TrainOptions
             loss = _answer_cross_entropy(logits, target)
             if options.refusal_unlikelihood > 0:
                 loss = loss + options.refusal_unlikelihood * refusal_unlikelihood_loss(
-                    logits, target, list(openers), torch.tensor([discouraged[j] for j in rows]))
+                    logits, target, opener_ids, discouraged_rows[rows])
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise ModelError(
