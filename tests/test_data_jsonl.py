@@ -342,7 +342,7 @@ def test_contrast_answers_are_not_judged_refusals(name: str) -> None:
 
 def test_short_harmful_and_contrast_pairs_share_a_length_profile() -> None:
     """harmful_train_short2 and contrast_train_short were written together so that neither prompt length nor
-    style tells a refusal from an answer: their prompt-length medians match and their ranges overlap."""
+    style tells a refusal from an answer: their prompt-length medians match and both stay within 3-14 words."""
     harm = [len(e.prompt.split()) for e in _bundled("harmful_train_short2")]
     benign = [len(e.prompt.split()) for e in _bundled("contrast_train_short")]
     assert abs(statistics.median(harm) - statistics.median(benign)) <= 1
