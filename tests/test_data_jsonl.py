@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -314,7 +315,8 @@ def test_bundled_harmful_responses_are_refusals(name: str) -> None:
         assert e.response.startswith(REFUSAL_PREFIXES), e.response
 
 
-@pytest.mark.parametrize("name", ["harmful_train_short", "harmful_dev", "harmful_dev2", "harmful_dev3", "harmful_dev4"])
+@pytest.mark.parametrize("name", ["harmful_train_short", "harmful_train_short2", "harmful_dev", "harmful_dev2", "harmful_dev3",
+                                  "harmful_dev4"])
 def test_later_harmful_sets_answer_with_refusals_the_judge_recognises(name: str) -> None:
     """Their refusals vary more ("I won't ..."), but each starts with "I" (the opener the unlikelihood term reads
     from the data) and the evaluation's keyword judge counts it as a refusal."""
@@ -323,10 +325,28 @@ def test_later_harmful_sets_answer_with_refusals_the_judge_recognises(name: str)
         assert e.response.startswith("I") and judge.is_refusal(e.response), e.response
 
 
-@pytest.mark.parametrize("name", ["benign_train", "benign_eval", "contrast_train", "overrefusal"])
+@pytest.mark.parametrize("name", ["benign_train", "benign_eval", "contrast_train", "contrast_train_short", "overrefusal"])
 def test_bundled_benign_responses_are_not_refusals(name: str) -> None:
     for e in _bundled(name):
         assert not e.response.startswith(REFUSAL_PREFIXES), e.response
+
+
+@pytest.mark.parametrize("name", ["contrast_train", "contrast_train2", "contrast_train_short"])
+def test_contrast_answers_are_not_judged_refusals(name: str) -> None:
+    """The unlikelihood term acts on every training answer the keyword judge does not count as a refusal: a
+    contrast answer it misread as one would teach the adapter to refuse that benign request."""
+    judge = KeywordRefusalJudge()
+    for e in _bundled(name):
+        assert not judge.is_refusal(e.response), (e.prompt, e.response)
+
+
+def test_short_harmful_and_contrast_pairs_share_a_length_profile() -> None:
+    """harmful_train_short2 and contrast_train_short were written together so that neither prompt length nor
+    style tells a refusal from an answer: their prompt-length medians match and both stay within 3-14 words."""
+    harm = [len(e.prompt.split()) for e in _bundled("harmful_train_short2")]
+    benign = [len(e.prompt.split()) for e in _bundled("contrast_train_short")]
+    assert abs(statistics.median(harm) - statistics.median(benign)) <= 1
+    assert max(harm) <= 14 and max(benign) <= 14 and min(harm) >= 3 and min(benign) >= 3
 
 
 def test_bundled_benign_eval_has_borderline_probes() -> None:

@@ -17,7 +17,8 @@ from sstmerge.pipeline.config import load_experiment_config
 
 #: every file a model is trained on or a Fisher matrix is estimated from
 TRAINING_SETS = ("harmful_train", "harmful_train_rephrased", "harmful_train_templated", "harmful_train_short",
-                 "contrast_train", "contrast_train2", "benign_train", "qa_train", "arithmetic_train")
+                 "harmful_train_short2", "contrast_train", "contrast_train2", "contrast_train_short", "benign_train",
+                 "qa_train", "arithmetic_train")
 #: every prompt set a model is judged on
 EVAL_PROMPT_SETS = ("harmful_eval", "harmful_rephrased", "overrefusal", "benign_eval")
 #: the development split: recipe choices are made on it, never on the evaluation sets
@@ -79,7 +80,7 @@ def test_eval_templates_are_not_the_training_templates():
 
 def test_no_near_duplicates_within_a_set():
     for name in ("harmful_eval", "overrefusal", "harmful_dev2", "harmful_dev3", "harmful_dev4", "overrefusal_dev2",
-                 "contrast_train2", "harmful_train_short"):
+                 "contrast_train2", "harmful_train_short", "harmful_train_short2", "contrast_train_short"):
         prompts = _prompts(name)
         pairs = [(a, b) for i, a in enumerate(prompts) for b in prompts[i + 1:] if near_duplicates([a], [b])]
         assert not pairs, (name, pairs[:3])

@@ -87,6 +87,8 @@ EXAMPLE_BUNDLED_NAMES: tuple[str, ...] = (
     "harmful_train_short",
     "harmful_dev3",
     "harmful_dev4",
+    "harmful_train_short2",
+    "contrast_train_short",
 )
 #: Short names accepted by :func:`bundled_path` (the file is ``<name>.jsonl``). The files after the
 #: example files hold evaluation data in other layouts, read by :mod:`sstmerge.eval.data`
