@@ -227,8 +227,6 @@ def main() -> None:
                                         args.min_templated, part_floors)
         if verdict == "fails" and not args.all_seeds:
             break
-    verdict, reasons = rule_verdict(records, len(args.seeds), args.max_overrefusal, args.min_plain,
-                                    args.min_templated, part_floors)
     mean_over = statistics.mean(r["overrefusal"] for r in records)
     ran = args.seeds[:len(records)]
     stopped = f" (stopped after seeds {ran}: the rule can no longer hold)" if len(ran) < len(args.seeds) else ""
