@@ -141,3 +141,96 @@ def test_rule_verdict_fails_once_the_overrefusal_mean_is_out_of_reach(select_a7)
     assert verdict([_record(over=0.40)], 3, 0.16, 0.9, 0.8, {})[0] == "open"
     assert verdict([_record(over=0.40), _record(over=0.04), _record(over=0.04)], 3, 0.16, 0.9, 0.8, {})[0] == "holds"
     assert verdict([_record(over=0.40), _record(over=0.04), _record(over=0.05)], 3, 0.16, 0.9, 0.8, {})[0] == "fails"
+
+
+def _prior_log(select_a7, tmp_path, seeds=(0,), label="t", over=0.30, **changes):
+    """A log as an earlier run of the default candidate would have written it (one line per seed)."""
+    import json
+
+    from sstmerge.pipeline.config import load_experiment_config
+
+    recipe = load_experiment_config("default").adapters["A7"]
+    lines = []
+    for seed in seeds:
+        train = select_a7.train_options(recipe.train, None, {}).model_dump(mode="json") | {"seed": seed}
+        rec = {"label": label, "seed": seed, "data": list(recipe.data), "train": train, **_record(over=over)}
+        rec["harmful_parts"] = {spec: {"jailbreak_plain": 0.95, "jailbreak_templated": 1.0, "n": 10}
+                                for spec in select_a7.DEV_HARMFUL}
+        rec["overrefusal_parts"] = {spec: {"rate": over, "n": 10} for spec in select_a7.DEV_OVERREFUSAL}
+        for key, value in changes.items():
+            if key in train:
+                rec["train"][key] = value
+            else:
+                rec[key] = value
+        lines.append(json.dumps(rec))
+    log = tmp_path / "earlier.jsonl"
+    log.write_text(json.dumps({"label": "other", "seed": 0}) + "\n" + "\n".join(lines) + "\n")
+    return log
+
+
+def _run_with_prior(select_a7, monkeypatch, tmp_path, log, over_new, *argv):
+    ran = []
+
+    def fake_run_seed(label, seed, *args):
+        ran.append(seed)
+        return {"label": label, "seed": seed, **_record(over=over_new)}
+
+    monkeypatch.setattr(select_a7, "run_seed", fake_run_seed)
+    monkeypatch.setattr(sys, "argv", ["select_a7.py", "--label", "t", "--out", str(tmp_path), "--prior-log", str(log),
+                                      *argv])
+    select_a7.main()
+    return ran
+
+
+@pytest.mark.parametrize("over_new, verdict", [(0.08, "HOLDS"), (0.10, "does not hold")])
+def test_prior_log_seeds_count_in_the_three_seed_mean(select_a7, monkeypatch, tmp_path, capsys, over_new, verdict):
+    """Seed 0 at 30 % from the earlier log: seeds 1-2 at 8 % give a mean of 15.3 % (holds at 16 %); at 10 % the mean
+    is 16.7 %. Judged over two seeds alone, both would hold: the prior seed must count."""
+    log = _prior_log(select_a7, tmp_path, over=0.30)
+    ran = _run_with_prior(select_a7, monkeypatch, tmp_path, log, over_new, "--seeds", "1", "2")
+    out = capsys.readouterr().out
+    assert ran == [1, 2]
+    assert "t seed 0:" in out and f"(from {log})" in out
+    assert f"over seeds [0, 1, 2]; rule {verdict}" in out
+
+
+def test_a_prior_log_that_already_fails_trains_nothing(select_a7, monkeypatch, tmp_path, capsys):
+    log = _prior_log(select_a7, tmp_path, seeds=(0, 1), over=0.30)  # 60 points > 48: out of reach for seed 2
+    ran = _run_with_prior(select_a7, monkeypatch, tmp_path, log, 0.0, "--seeds", "2")
+    out = capsys.readouterr().out
+    assert ran == [] and "stopped after seeds [0, 1]" in out and "cannot reach" in out
+
+
+@pytest.mark.parametrize("changes, argv, message", [
+    ({"data": ["bundled:harmful_train"]}, [], "its data list"),
+    ({}, ["--weight", "bundled:contrast_train=2"], "its data list"),
+    ({"refusal_unlikelihood": 0.1}, [], "training option refusal_unlikelihood"),
+    ({}, ["--steps", "300"], "training option steps"),
+    ({}, ["--train", "lr=0.002"], "training option lr"),
+    ({"overrefusal_parts": {"bundled:overrefusal_dev": {"rate": 0.1, "n": 77}}}, [], "its overrefusal_parts"),
+    ({}, ["--seeds", "0", "1"], "seed 0 is already run; drop it from --seeds"),
+    ({"label": "u"}, [], "no record of label 't'"),
+])
+def test_a_prior_log_of_another_candidate_is_a_clear_error(select_a7, monkeypatch, tmp_path, changes, argv, message):
+    log = _prior_log(select_a7, tmp_path, **changes)
+    monkeypatch.setattr(select_a7, "run_seed", lambda *a, **k: pytest.fail("trained despite a bad --prior-log"))
+    monkeypatch.setattr(sys, "argv", ["select_a7.py", "--label", "t", "--out", str(tmp_path), "--prior-log", str(log),
+                                      *(argv or ["--seeds", "1"])])
+    with pytest.raises(SystemExit, match=message):
+        select_a7.main()
+
+
+def test_a_prior_log_with_a_seed_twice_or_a_broken_line_is_a_clear_error(select_a7, monkeypatch, tmp_path):
+    log = _prior_log(select_a7, tmp_path, seeds=(0, 0))
+    monkeypatch.setattr(sys, "argv", ["select_a7.py", "--label", "t", "--out", str(tmp_path), "--prior-log", str(log),
+                                      "--seeds", "1"])
+    with pytest.raises(SystemExit, match="seed 0 is already run in this log"):
+        select_a7.main()
+    log = _prior_log(select_a7, tmp_path, seeds=(0,))
+    log.write_text(log.read_text() + "{not json\n")
+    with pytest.raises(SystemExit, match=r"earlier.jsonl:\d+: not a JSON line"):
+        select_a7.main()
+    monkeypatch.setattr(sys, "argv", ["select_a7.py", "--label", "t", "--out", str(tmp_path), "--prior-log",
+                                      str(tmp_path / "none.jsonl")])
+    with pytest.raises(SystemExit, match="no such file"):
+        select_a7.main()
