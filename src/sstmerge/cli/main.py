@@ -335,6 +335,28 @@ def inspect(adapter: str, allow_pickle: bool, as_json: bool) -> None:
         render_table(info)
 
 
+_EVAL_SETTING_FLAGS = ("max_new_tokens", "batch_size", "engine", "limit", "shots", "judges", "backend",
+                       "templates_per_prompt", "stop_when_decided", "decision_tokens")
+
+
+def _settings_from_config(spec: str, flag_settings: dict, ctx: click.Context) -> dict:
+    """Each suite's :class:`EvalSettings` as the experiment config ``spec`` gives them to its grid
+    (:meth:`EvalConfig.settings`), with the settings flags the user gave explicitly on top."""
+    import dataclasses
+
+    from click.core import ParameterSource
+
+    from ..pipeline.config import load_experiment_config
+
+    cfg = load_experiment_config(spec)
+    given = [f for f in _EVAL_SETTING_FLAGS if ctx.get_parameter_source(f) is not ParameterSource.DEFAULT]
+    out = {}
+    for suite, flagged in flag_settings.items():
+        out[suite] = dataclasses.replace(cfg.eval.settings(suite), **{f: getattr(flagged, f) for f in given})
+        log.info("%s: settings from %s%s", suite, spec, f" (overridden: {', '.join(given)})" if given else "")
+    return out
+
+
 @cli.command("eval")
 @click.option("--base", default="smollm2", show_default=True, help="base model: alias or local HF folder")
 @click.option("--adapter", default=None, help="LoRA adapter folder to evaluate on top of the base")
@@ -364,12 +386,19 @@ def inspect(adapter: str, allow_pickle: bool, as_json: bool) -> None:
               help="jailbreak/overrefusal: stop an answer after N new tokens at most (approximate: refusals come first)")
 @click.option("--no-fold", is_flag=True, help="run the adapter through PEFT's LoRA layers instead of adding it into "
               "the base weights (the reference path; slower)")
+@click.option("--settings-from", default=None, metavar="CONFIG",
+              help="each suite's settings (new tokens, limit, templates per prompt, decision tokens, judges, batch "
+              "size) from an experiment config's eval block, a bundled name (default) or a YAML file: the numbers "
+              "its grid reports; the settings flags given explicitly override it")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="results JSON (written atomically)")
 @click.option("--overwrite", is_flag=True, help="replace --out if it is an earlier sstmerge results file")
 def eval_command(base, adapter, suites, data, templates, limit, max_new_tokens, batch_size, engine, shots, judges, cache_dir,
-                 no_cache, device, backend, templates_per_prompt, stop_when_decided, decision_tokens, no_fold, out,
-                 overwrite) -> None:
-    """Evaluate a base model (+ adapter): jailbreak resistance, over-refusal, multiple choice, reading comprehension."""
+                 no_cache, device, backend, templates_per_prompt, stop_when_decided, decision_tokens, no_fold,
+                 settings_from, out, overwrite) -> None:
+    """Evaluate a base model (+ adapter): jailbreak resistance, over-refusal, multiple choice, reading comprehension.
+
+    To score an adapter the way an experiment's grid does (e.g. a safety adapter alone on the held-out sets), give
+    ``--settings-from default``."""
     from rich.console import Console
     from rich.table import Table
 
@@ -392,6 +421,8 @@ def eval_command(base, adapter, suites, data, templates, limit, max_new_tokens, 
                                 judges=tuple(judges), backend=backend, templates_per_prompt=templates_per_prompt,
                                 stop_when_decided=stop_when_decided and s in REFUSAL_SUITES,
                                 decision_tokens=decision_tokens if s in REFUSAL_SUITES else None) for s in suites}
+    if settings_from:
+        settings = _settings_from_config(settings_from, settings, click.get_current_context())
     result = evaluate(base, list(suites), adapter=adapter, data=data_map, templates=templates, settings=settings,
                       cache_dir=cache_dir, use_cache=not no_cache, device=device, fold=not no_fold)
     atomic_output_file(out, json.dumps(result, indent=2, default=str) + "\n", overwrite=overwrite, inputs=inputs)
