@@ -126,16 +126,17 @@ def prior_records(path: Path, label: str, data: list[str], train: dict, harmful_
     (``train``, a ``TrainOptions`` dump) but the seed, and the same harmful and over-refusal dev parts; a seed may
     appear once and not again in ``seeds``. Anything else raises SystemExit naming the line and the difference.
     """
+    from sstmerge.data.jsonl import iter_jsonl
+    from sstmerge.errors import DataError
+
     if not path.is_file():
         raise SystemExit(f"--prior-log {path}: no such file (the JSON lines an earlier select_a7 run wrote)")
+    try:
+        rows = list(iter_jsonl(path, "give the log an earlier select_a7 run wrote"))
+    except DataError as err:
+        raise SystemExit(f"--prior-log {err}") from None
     found = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SystemExit(f"--prior-log {path}:{lineno}: not a JSON line ({err})") from None
+    for lineno, rec in rows:
         if rec.get("label") != label:
             continue
         where = f"--prior-log {path}:{lineno} ({label} seed {rec.get('seed')})"
@@ -256,34 +257,33 @@ def main() -> None:
             raise SystemExit(f"--data {spec!r}: {err}") from None
         if not path.is_file():
             raise SystemExit(f"--data {spec!r}: {path} is not a file; give a JSONL path or 'bundled:<name>'")
-    candidate_data(list(args.data or cfg.adapters[cfg.safety].data), weights)
+    data = candidate_data(list(args.data or cfg.adapters[cfg.safety].data), weights)
     overrides = {}
     for kv in args.train:
         key, sep, value = kv.partition("=")
         if not sep or not key:
             raise SystemExit(f"--train {kv!r}: expected KEY=VALUE, e.g. lr_schedule=cosine")
         overrides[key] = value
-    train_options(cfg.adapters[cfg.safety].train, args.steps, overrides)
+    train = train_options(cfg.adapters[cfg.safety].train, args.steps, overrides)
     harmful_dev = tuple(args.harmful_dev or DEV_HARMFUL)
+    overrefusal_dev = tuple(args.overrefusal_dev or DEV_OVERREFUSAL)
     part_floors = dict(part_floor(kv, harmful_dev) for kv in args.min_part_plain)
-    args.out.mkdir(parents=True, exist_ok=True)
-    log_file = args.log or args.out / "select_a7.jsonl"
     records = []
-    if args.prior_log:
-        data = candidate_data(list(args.data or cfg.adapters[cfg.safety].data), weights)
-        train = train_options(cfg.adapters[cfg.safety].train, args.steps, overrides).model_dump(mode="json")
-        records = prior_records(args.prior_log, args.label, data, train, harmful_dev,
-                                tuple(args.overrefusal_dev or DEV_OVERREFUSAL), args.seeds)
+    if args.prior_log:  # before anything is written: a log of another candidate is an error here
+        records = prior_records(args.prior_log, args.label, data, train.model_dump(mode="json"), harmful_dev,
+                                overrefusal_dev, args.seeds)
         for rec in records:
             print(seed_line(args.label, rec) + f" (from {args.prior_log})", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_file = args.log or args.out / "select_a7.jsonl"
     n_seeds = len(records) + len(args.seeds)
     verdict, reasons = rule_verdict(records, n_seeds, args.max_overrefusal, args.min_plain, args.min_templated,
                                     part_floors)
     for seed in args.seeds:
         if verdict == "fails" and not args.all_seeds:
             break
-        rec = run_seed(args.label, seed, args.steps, weights, args.out,
-                       tuple(args.overrefusal_dev or DEV_OVERREFUSAL), args.data, overrides, harmful_dev)
+        rec = run_seed(args.label, seed, args.steps, weights, args.out, overrefusal_dev, args.data, overrides,
+                       harmful_dev)
         records.append(rec)
         with open(log_file, "a") as fh:
             fh.write(json.dumps(rec) + "\n")

@@ -214,10 +214,11 @@ def test_a_prior_log_that_already_fails_trains_nothing(select_a7, monkeypatch, t
 def test_a_prior_log_of_another_candidate_is_a_clear_error(select_a7, monkeypatch, tmp_path, changes, argv, message):
     log = _prior_log(select_a7, tmp_path, **changes)
     monkeypatch.setattr(select_a7, "run_seed", lambda *a, **k: pytest.fail("trained despite a bad --prior-log"))
-    monkeypatch.setattr(sys, "argv", ["select_a7.py", "--label", "t", "--out", str(tmp_path), "--prior-log", str(log),
-                                      *(argv or ["--seeds", "1"])])
+    monkeypatch.setattr(sys, "argv", ["select_a7.py", "--label", "t", "--out", str(tmp_path / "out"), "--prior-log",
+                                      str(log), *(argv or ["--seeds", "1"])])
     with pytest.raises(SystemExit, match=message):
         select_a7.main()
+    assert not (tmp_path / "out").exists()  # nothing written for a run that cannot start
 
 
 def test_a_prior_log_with_a_seed_twice_or_a_broken_line_is_a_clear_error(select_a7, monkeypatch, tmp_path):
@@ -228,7 +229,10 @@ def test_a_prior_log_with_a_seed_twice_or_a_broken_line_is_a_clear_error(select_
         select_a7.main()
     log = _prior_log(select_a7, tmp_path, seeds=(0,))
     log.write_text(log.read_text() + "{not json\n")
-    with pytest.raises(SystemExit, match=r"earlier.jsonl:\d+: not a JSON line"):
+    with pytest.raises(SystemExit, match=r"earlier.jsonl, line \d+: invalid JSON"):
+        select_a7.main()
+    log.write_text(log.read_text().replace("{not json", "[1, 2]"))
+    with pytest.raises(SystemExit, match=r"earlier.jsonl, line \d+: expected a JSON object, got list"):
         select_a7.main()
     monkeypatch.setattr(sys, "argv", ["select_a7.py", "--label", "t", "--out", str(tmp_path), "--prior-log",
                                       str(tmp_path / "none.jsonl")])
