@@ -76,17 +76,31 @@ def train_options(recipe_train, steps: int | None, overrides: dict[str, str]):
         raise SystemExit(f"--train {overrides}: {err}") from None
 
 
+def key_value(flag: str, kv: str, form: str, example: str, *, key_is_spec: bool = True) -> tuple[str, str]:
+    """``KEY=VALUE`` of a repeatable flag as (key, value); SystemExit naming the flag, the form and an example when
+    there is no ``=`` or either side is empty (``null`` is how a value says None).
+
+    A data spec (a path) may hold an ``=`` while its count or rate never does, so specs split at the last ``=``;
+    an option name never holds one while its YAML value may, so ``key_is_spec=False`` splits at the first.
+    """
+    key, sep, value = kv.rpartition("=") if key_is_spec else kv.partition("=")
+    if not sep or not key or not value:
+        raise SystemExit(f"{flag} {kv!r}: expected {form}, e.g. {example}")
+    return key, value
+
+
 def part_floor(kv: str, parts: tuple[str, ...]) -> tuple[str, float]:
     """``SPEC=RATE`` of ``--min-part-plain`` as (spec, rate); SystemExit unless SPEC is one of ``parts`` and RATE a
     number in [0, 1]."""
-    spec, _, rate = kv.rpartition("=")
+    form, example = "SPEC=RATE", "bundled:harmful_dev3=0.9"
+    spec, rate = key_value("--min-part-plain", kv, form, example)
     try:
         value = float(rate)
     except ValueError:
         value = -1.0
     if spec not in parts or not 0.0 <= value <= 1.0:
-        raise SystemExit(f"--min-part-plain {kv!r}: expected SPEC=RATE with SPEC one of the harmful dev parts "
-                         f"{list(parts)} and RATE in [0, 1], e.g. bundled:harmful_dev3=0.9")
+        raise SystemExit(f"--min-part-plain {kv!r}: expected {form} with SPEC one of the harmful dev parts "
+                         f"{list(parts)} and RATE in [0, 1], e.g. {example}")
     return spec, value
 
 
@@ -241,8 +255,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     weights = {}
     for w in args.weight:
-        spec, _, n = w.rpartition("=")
-        if not spec or not n.isdigit() or int(n) < 1:
+        spec, n = key_value("--weight", w, "SPEC=N with N >= 1", "bundled:contrast_train=2")
+        if not n.isdigit() or int(n) < 1:
             raise SystemExit(f"--weight {w!r}: expected SPEC=N with N >= 1, e.g. bundled:contrast_train=2")
         weights[spec] = int(n)
     from sstmerge.data.jsonl import resolve_data
@@ -258,12 +272,7 @@ def main() -> None:
         if not path.is_file():
             raise SystemExit(f"--data {spec!r}: {path} is not a file; give a JSONL path or 'bundled:<name>'")
     data = candidate_data(list(args.data or cfg.adapters[cfg.safety].data), weights)
-    overrides = {}
-    for kv in args.train:
-        key, sep, value = kv.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--train {kv!r}: expected KEY=VALUE, e.g. lr_schedule=cosine")
-        overrides[key] = value
+    overrides = dict(key_value("--train", kv, "KEY=VALUE", "lr_schedule=cosine", key_is_spec=False) for kv in args.train)
     train = train_options(cfg.adapters[cfg.safety].train, args.steps, overrides)
     harmful_dev = tuple(args.harmful_dev or DEV_HARMFUL)
     overrefusal_dev = tuple(args.overrefusal_dev or DEV_OVERREFUSAL)

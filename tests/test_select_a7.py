@@ -48,6 +48,10 @@ def test_default_config_is_what_the_weighted_candidate_trains(select_a7):
     (["--min-part-plain", "bundled:harmful_dev9=0.9"], "one of the harmful dev parts"),
     (["--min-part-plain", "bundled:harmful_dev3=high"], "expected SPEC=RATE"),
     (["--min-part-plain", "bundled:harmful_dev3=90"], "RATE in"),
+    (["--min-part-plain", "bundled:harmful_dev3"], "expected SPEC=RATE"),
+    (["--weight", "=2"], "expected SPEC=N"),
+    (["--train", "=cosine"], "expected KEY=VALUE"),
+    (["--train", "lr_schedule="], "expected KEY=VALUE"),
 ])
 def test_bad_data_or_weights_are_clear_errors_before_any_training(select_a7, monkeypatch, tmp_path, argv, message):
     monkeypatch.setattr(sys, "argv", ["select_a7.py", "--label", "t", "--out", str(tmp_path), *argv])
@@ -238,3 +242,11 @@ def test_a_prior_log_with_a_seed_twice_or_a_broken_line_is_a_clear_error(select_
                                       str(tmp_path / "none.jsonl")])
     with pytest.raises(SystemExit, match="no such file"):
         select_a7.main()
+
+
+def test_specs_split_at_the_last_equals_and_option_names_at_the_first(select_a7):
+    """A path may hold '=' (its count never does); a YAML value may hold '=' (an option name never does)."""
+    assert select_a7.key_value("--weight", "runs/a=b/x.jsonl=2", "SPEC=N", "x") == ("runs/a=b/x.jsonl", "2")
+    assert select_a7.key_value("--train", "note=a=b", "KEY=VALUE", "x", key_is_spec=False) == ("note", "a=b")
+    with pytest.raises(SystemExit, match=r"--weight 'x.jsonl': expected SPEC=N, e.g. bundled:c=2"):
+        select_a7.key_value("--weight", "x.jsonl", "SPEC=N", "bundled:c=2")
