@@ -15,7 +15,7 @@ from sstmerge import read_adapter
 from sstmerge.data.chat import encode_example
 from sstmerge.data.jsonl import bundled_path, load_examples
 from sstmerge.fisher.gradients import batched_per_sample_gradients, iter_batched_gradients, looped_per_sample_gradients
-from sstmerge.fisher.point import flat_phi, load_fisher_point, module_layout
+from sstmerge.fisher.point import load_fisher_point, module_layout
 from sstmerge.fisher.run import FisherSettings, compute_fisher
 from sstmerge.fisher.stats import FisherStats, StatsWriter, compute_stats, stats_in_memory
 from sstmerge.fisher.store import GradientStore, InMemoryGradients
