@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from sstmerge.errors import ConfigError
+from sstmerge.errors import ConfigError, UnsafeOutputError
 from sstmerge.pipeline.combine import combine_runs
 from sstmerge.pipeline.experiments import (
     expand_grid,
@@ -168,7 +168,7 @@ def test_two_seed_grid_reports_mean_and_sd_across_seeds(tiny_base, tmp_path):
     assert {"eval:base@seeds0+1", "eval:base@seed2"} <= set(three["timings"])
 
 
-def test_combine_refuses_what_is_not_one_experiment(tiny_base, tmp_path):
+def test_combine_refuses_what_is_not_one_experiment(tiny_base, tmp_path, monkeypatch):
     """Repeated seeds, another grid, an unfinished folder, a lone folder: clear errors naming the folder."""
     grid = [{"name": "direct", "mode": "direct", "variants": ["A5+A7"]}]
     over = _tiny_overrides(tiny_base, tmp_path, grid)
@@ -187,12 +187,29 @@ def test_combine_refuses_what_is_not_one_experiment(tiny_base, tmp_path):
     (tmp_path / "unfinished").mkdir()
     with pytest.raises(ConfigError, match=r"unfinished/results.json is missing: the grid has not finished"):
         combine_runs([tmp_path / "s0", tmp_path / "unfinished"], tmp_path / "out")
+    s1_items = (tmp_path / "s1" / "item_outcomes.json").read_text()
     (tmp_path / "s1" / "item_outcomes.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"s1/item_outcomes.json cannot be read as JSON"):
         combine_runs([tmp_path / "s0", tmp_path / "s1"], tmp_path / "out")
     with pytest.raises(ConfigError, match="at least two"):
         combine_runs([tmp_path / "s0"], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written by a refused combination
+    # a refused --out (an input; a foreign folder) fails before the table is computed, and nothing is touched
+    (tmp_path / "s1" / "item_outcomes.json").write_text(s1_items)
+    before = {p: p.read_bytes() for p in (tmp_path / "s0").rglob("*") if p.is_file()}
+
+    def no_tables(*args, **kwargs):
+        raise AssertionError("the tables were computed before --out was checked")
+
+    monkeypatch.setattr("sstmerge.pipeline.aggregate.average_seeds", no_tables)
+    with pytest.raises(UnsafeOutputError, match=r"--out .*s0 is an input"):
+        combine_runs([tmp_path / "s0", tmp_path / "s1"], tmp_path / "s0")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(UnsafeOutputError, match=r"foreign exists and is not an experiment folder"):
+        combine_runs([tmp_path / "s0", tmp_path / "s1"], tmp_path / "foreign")
+    assert {p: p.read_bytes() for p in (tmp_path / "s0").rglob("*") if p.is_file()} == before
+    assert [p.name for p in (tmp_path / "foreign").iterdir()] == ["notes.txt"]
 
 
 def test_seed_and_seeds_are_exclusive_and_layers_replace_each_other(tmp_path):

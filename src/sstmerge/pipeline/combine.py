@@ -126,10 +126,11 @@ def combine_runs(folders: list[str | Path], out: str | Path) -> dict[str, Any]:
     from .aggregate import average_seeds
     from .config import ExperimentConfig
     from .results import table_columns, write_results
-    from .stages import assemble_result, claim_run_folder, model_row
+    from .stages import assemble_result, check_run_folder, claim_run_folder, model_row
 
     parts = sorted((read_run(f) for f in folders), key=lambda p: p["seeds"][0])
     check_parts(parts)
+    check_run_folder(out, [Path(p["folder"]) for p in parts])  # a refused --out fails before the tables are computed
     first = parts[0]
     seeds = sorted(s for p in parts for s in p["seeds"])
     part_of = {s: p for p in parts for s in p["seeds"]}

@@ -188,14 +188,14 @@ def _config_inputs(cfg: ExperimentConfig) -> list[Path]:
 
 RUN_MARKER = {"kind": "experiments"}
 
-@contextlib.contextmanager
-def claim_run_folder(out: str | Path, inputs: list[Path]):
-    """Claim an experiment folder for this run: new, empty, or one an earlier grid wrote (its marker, or
-    results.json / adapters / merges from before the marker); never the current directory, a folder holding
-    it, or one holding an input. Locked for the whole run: a second grid on the same folder fails at once."""
+
+def check_run_folder(out: str | Path, inputs: list[Path]) -> Path:
+    """``out`` as a resolved path if an experiment may write there: new, empty, or one an earlier grid wrote (its
+    marker, or results.json / adapters / merges from before the marker); never the current directory, a folder
+    holding it, or one holding an input. Raises :class:`UnsafeOutputError` naming the folder; writes nothing, so
+    a command can call it before its work and fail at once."""
     from ..errors import UnsafeOutputError
-    from ..io.atomic import MARKER_NAME, check_location, lock_path
-    from ..io.locking import PathLock
+    from ..io.atomic import MARKER_NAME, check_location
 
     out_path = check_location(out, inputs=inputs)
     if out_path.exists():
@@ -209,6 +209,17 @@ def claim_run_folder(out: str | Path, inputs: list[Path]):
             raise UnsafeOutputError(
                 f"--out {out}: {out_path} exists and is not an experiment folder written by sstmerge (no {MARKER_NAME}); "
                 "choose a new or empty folder")
+    return out_path
+
+
+@contextlib.contextmanager
+def claim_run_folder(out: str | Path, inputs: list[Path]):
+    """Claim an experiment folder for this run (:func:`check_run_folder`'s rules), created if new and marked as
+    ours. Locked for the whole run: a second grid on the same folder fails at once."""
+    from ..io.atomic import MARKER_NAME, lock_path
+    from ..io.locking import PathLock
+
+    out_path = check_run_folder(out, inputs)
     out_path.mkdir(parents=True, exist_ok=True)
     with PathLock(lock_path(out_path), what=f"experiment folder {out_path}", timeout=0):
         if not (out_path / MARKER_NAME).is_file():
