@@ -118,6 +118,9 @@ def test_two_seed_grid_reports_mean_and_sd_across_seeds(tiny_base, tmp_path):
             ci = r["intervals"][col]
             assert ci["low"] - 1e-9 <= r[col] <= ci["high"] + 1e-9
     assert rows["base"]["per_seed"]["0"] == rows["base"]["per_seed"]["1"]  # one base model: evaluated once
+    # `sst-merge compare` reads the same tests back from the folder: ties against direct is the table's vs_direct
+    from sstmerge.pipeline.compare import compare_models
+    assert compare_models(out, "A5+A6+A7/ties", "A5+A6+A7/direct")["tests"] == rows["A5+A6+A7/ties"]["vs_direct"]
     assert rows["A5+A6+A7/ties"]["vs_direct"]["jailbreak_plain"]["n"] == 2
     ties_vs = rows["A5+A6+A7/ties"]["vs_direct"]["safety"]  # and each seed's own test against its own direct
     assert list(ties_vs["per_seed"]) == ["0", "1"] and isinstance(ties_vs["every_seed"], bool)

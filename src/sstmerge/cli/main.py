@@ -584,6 +584,22 @@ def combine(runs: tuple[str, ...], out: str) -> None:
                f"{Path(out) / 'safety_vs_utility.png'}")
 
 
+@cli.command("compare")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.argument("model_a")
+@click.argument("model_b")
+@click.option("--json", "as_json", is_flag=True, help="print the tests as JSON instead of lines")
+def compare_cmd(run: str, model_a: str, model_b: str, as_json: bool) -> None:
+    """Paired tests of MODEL_A against MODEL_B (rows of the results table, e.g. 'A5+A6+A7/protect' and
+    'A5+A6+A7/dare_ties') in a finished grid RUN (an `experiments`/`demo` --out or a `combine` output): on every
+    column and summary score, the difference A − B, the paired test on the seed-averaged items and each seed's
+    own test. Reads the run's item outcomes; evaluates nothing."""
+    from ..pipeline.compare import compare_models, comparison_lines
+
+    comparison = compare_models(run, model_a, model_b)
+    click.echo(json.dumps(comparison, indent=2) if as_json else "\n".join(comparison_lines(comparison)))
+
+
 def main(argv: list[str] | None = None) -> None:
     from ..io.atomic import install_signal_handlers
 
