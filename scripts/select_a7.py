@@ -272,7 +272,8 @@ def main() -> None:
         if not path.is_file():
             raise SystemExit(f"--data {spec!r}: {path} is not a file; give a JSONL path or 'bundled:<name>'")
     data = candidate_data(list(args.data or cfg.adapters[cfg.safety].data), weights)
-    overrides = dict(key_value("--train", kv, "KEY=VALUE", "lr_schedule=cosine", key_is_spec=False) for kv in args.train)
+    overrides = dict(key_value("--train", kv, "KEY=VALUE", "lr_schedule=cosine", key_is_spec=False)
+                     for kv in args.train)
     train = train_options(cfg.adapters[cfg.safety].train, args.steps, overrides)
     harmful_dev = tuple(args.harmful_dev or DEV_HARMFUL)
     overrefusal_dev = tuple(args.overrefusal_dev or DEV_OVERREFUSAL)

@@ -18,7 +18,8 @@ def _run_folder(path, outcomes: dict[str, dict[str, list[int]]], seeds=(0,)):
     path.mkdir()
     rows, per_seed = [], {}
     for name, cols in outcomes.items():
-        by_seed = {s: {c: (v[i] if isinstance(v[0], list) else v) for c, v in cols.items()} for i, s in enumerate(seeds)}
+        by_seed = {s: {c: (v[i] if isinstance(v[0], list) else v) for c, v in cols.items()}
+                   for i, s in enumerate(seeds)}
         per_seed[name] = {str(s): {c: {f"{c}:{k}": float(x) for k, x in enumerate(v)} for c, v in by_seed[s].items()}
                           for s in seeds}
         rows.append({"name": name, **{c: sum(sum(by_seed[s][c]) / len(by_seed[s][c]) for s in seeds) / len(seeds)
