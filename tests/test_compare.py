@@ -72,9 +72,12 @@ def test_a_gap_in_every_seed_is_marked_so(tmp_path):
 
 def test_unknown_or_repeated_models_are_clear_errors(tmp_path):
     run = _run_folder(tmp_path / "run", {"A5+A7/protect": {"jailbreak_plain": [1, 0]},
-                                          "A5+A7/direct": {"jailbreak_plain": [0, 0]}})
+                                          "A5+A7/direct": {"jailbreak_plain": [0, 0]},
+                                          "A7 alone": {"jailbreak_plain": [1, 1]}})
     with pytest.raises(ConfigError, match=r"no model 'A5\+A7/protekt'\. Did you mean 'A5\+A7/protect'\?"):
         compare_models(run, "A5+A7/protekt", "A5+A7/direct")
+    with pytest.raises(ConfigError, match=r"no model 'A7'\. Did you mean 'A7 alone'\? Its models: A5\+A7/protect"):
+        compare_models(run, "A7", "A5+A7/direct")
     with pytest.raises(ConfigError, match="not with itself"):
         compare_models(run, "A5+A7/direct", "A5+A7/direct")
     with pytest.raises(ConfigError, match=r"results.json is missing"):

@@ -34,9 +34,10 @@ def compare_models(folder: str | Path, model_a: str, model_b: str) -> dict[str, 
     run = read_run(folder)
     names = [r["name"] for r in run["rows"]]
     for model in (model_a, model_b):
-        if model not in names:
-            raise ConfigError(f"{folder}: the run has no model {model!r}.{did_you_mean(model, names)} "
-                              f"Its models: {', '.join(names)}")
+        if model not in names:  # "A7" is close to nothing by edit distance, but names the row "A7 alone"
+            hint = did_you_mean(model, names) or next(
+                (f" Did you mean {n!r}?" for n in names if n.startswith(f"{model} ")), "")
+            raise ConfigError(f"{folder}: the run has no model {model!r}.{hint} Its models: {', '.join(names)}")
     if model_a == model_b:
         raise ConfigError(f"compare {model_a!r} with another model of {folder}, not with itself")
     columns = table_columns((run["config"].get("eval") or {}).get("suites"))
