@@ -145,7 +145,7 @@ def test_the_import_reader_resolves_relative_and_lazy_imports(tmp_path, source, 
 
 
 def test_a_crossing_import_is_reported(monkeypatch):
-    """The check fails on an edge ALLOWED does not hold: linalg (pure math) importing io."""
+    """The check fails on an edge ALLOWED does not hold: io's import of data, once io may import nothing."""
     monkeypatch.setitem(ALLOWED, "io", set())
     with pytest.raises(AssertionError, match=r"sstmerge\.io\.\S+ imports sstmerge\.data"):
         test_packages_import_only_the_layers_below()

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..registry import did_you_mean
 from .aggregate import add_per_seed_tests, average_seeds, compare
 from .combine import read_run
-from .results import _fmt, _p, _signed, table_columns
+from .results import _fmt, gap_text, table_columns
 
 SUMMARY_SCORES = ("safety", "utility")
 
@@ -60,10 +60,6 @@ def comparison_lines(comparison: dict[str, Any]) -> list[str]:
              "p < 0.05 is significant, no multiple-comparison correction); each seed's own difference, * where "
              "its own test is significant", ""]
     for key, test in comparison["tests"].items():
-        per_seed = ", ".join(_signed(t["difference"]) + ("*" if t["significant"] else "")
-                             for t in test.get("per_seed", {}).values())
-        verdict = "holds in every seed" if test.get("every_seed") else "not in every seed"
-        mark = " ▲" if test["significant"] and test["difference"] > 0 else " ▼" if test["significant"] else ""
         lines.append(f"- {key}: {_fmt(comparison['values'][a][key])} vs {_fmt(comparison['values'][b][key])}: "
-                     f"{_signed(test['difference'])}{mark} ({_p(test['p_value'])}; per seed {per_seed}: {verdict})")
+                     f"{gap_text(test, mark=True)}")
     return lines

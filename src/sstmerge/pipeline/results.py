@@ -107,10 +107,13 @@ def _cell(r: dict, col: str) -> str:
         text += f" [{100 * ci['low']:.0f}–{100 * ci['high']:.0f}]"
     test = (r.get("vs_direct") or {}).get(col)
     if test is not None and test["significant"]:
-        text += " ▲" if test["difference"] > 0 else " ▼"
-        if test.get("every_seed"):
-            text += "*"
+        text += significance_mark(test) + ("*" if test.get("every_seed") else "")
     return text
+
+
+def significance_mark(test: dict[str, Any]) -> str:
+    """`` ▲`` / `` ▼`` for a significant positive / negative difference of a paired test, else empty."""
+    return "" if not test["significant"] else " ▲" if test["difference"] > 0 else " ▼"
 
 
 def _signed(d: float) -> str:
@@ -132,15 +135,18 @@ def per_seed_lines(result: dict[str, Any]) -> list[str]:
                [c for c in result["columns"] if c in tests and tests[c]["significant"]]
         if not keys or not any("per_seed" in tests[k] for k in keys):
             continue
-        bits = []
-        for k in keys:
-            t = tests[k]
-            seeds = ", ".join(_signed(o["difference"]) + ("*" if o["significant"] else "")
-                              for o in (t.get("per_seed") or {}).values())
-            verdict = "holds in every seed" if t.get("every_seed") else "not in every seed"
-            bits.append(f"{k} {_signed(t['difference'])} ({_p(t['p_value'])}; per seed {seeds}: {verdict})")
-        lines.append(f"- {r['name']}: " + "; ".join(bits))
+        lines.append(f"- {r['name']}: " + "; ".join(f"{k} {gap_text(tests[k])}" for k in keys))
     return lines
+
+
+def gap_text(test: dict[str, Any], mark: bool = False) -> str:
+    """A paired test with its seeds: ``+2.8 (p < 0.001; per seed +1.8*, +3.8*: holds in every seed)`` (points;
+    ``*``: significant in that seed's own test; ``mark``: ▲/▼ after the difference when it is significant)."""
+    seeds = ", ".join(_signed(o["difference"]) + ("*" if o["significant"] else "")
+                      for o in (test.get("per_seed") or {}).values())
+    verdict = "holds in every seed" if test.get("every_seed") else "not in every seed"
+    return (f"{_signed(test['difference'])}{significance_mark(test) if mark else ''} ({_p(test['p_value'])}; "
+            f"per seed {seeds}: {verdict})")
 
 
 def _merge_fact_bits(f: dict[str, Any]) -> list[str]:
