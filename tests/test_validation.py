@@ -225,3 +225,19 @@ def test_unknown_base_alias(tmp_path, good):
 
     with pytest.raises(ModelError, match="Did you mean 'smollm2'"):
         merge_utility_safety("smollm", [good], None, tmp_path / "x")
+
+
+@pytest.mark.parametrize("recorded, spec, folder, same", [
+    ("smollm2", "/cache/models/SmolLM2-135M-Instruct", "/cache/models/SmolLM2-135M-Instruct", True),  # alias recorded
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2", "/cache/models/SmolLM2-135M-Instruct", True),  # alias given
+    ("smollm2", "smollm2", "/cache/models/SmolLM2-135M-Instruct", True),
+    ("/elsewhere/SmolLM2-135M-Instruct/", "/cache/models/SmolLM2-135M-Instruct", "/cache/models/SmolLM2-135M-Instruct", True),
+    ("smollm2", "/models/Llama-3.1-8B", "/models/Llama-3.1-8B", False),
+    ("meta-llama/Llama-3.1-8B", "smollm2", "/cache/models/SmolLM2-135M-Instruct", False),
+])
+def test_a_recorded_alias_names_the_base_it_stands_for(recorded, spec, folder, same):
+    from sstmerge.io.models import BaseModelInfo
+    from sstmerge.io.validate import _same_base
+
+    base = BaseModelInfo(spec=spec, path=Path(folder), config={}, linear_shapes={}, param_shapes={})
+    assert _same_base(recorded, base) is same

@@ -14,13 +14,18 @@ log = logging.getLogger(__name__)
 
 
 def _same_base(recorded: str, base: BaseModelInfo) -> bool:
+    """Whether an adapter's recorded ``base_model_name_or_path`` names ``base``: its spec, folder, folder name or
+    hub id, an alias on either side counting as the names it stands for (an adapter trained with ``--base
+    smollm2`` records the alias; a merge may name the converted folder)."""
     rec = recorded.rstrip("/").lower()
+    recs = {rec} | ALIAS_EQUIVALENTS.get(rec, set())
     names = {base.spec.rstrip("/").lower(), str(base.path).rstrip("/").lower(), base.path.name.lower()}
     names |= ALIAS_EQUIVALENTS.get(base.spec.lower(), set())
     hub = str(base.config.get("_name_or_path") or base.config.get("name_or_path") or "").lower()
     if hub:
         names.add(hub)
-    return rec in names or Path(rec).name in {Path(n).name for n in names if n}
+    leaves = {Path(n).name for n in names if n}
+    return any(r in names or Path(r).name in leaves for r in recs)
 
 
 def validate_against_base(adapter: LoraAdapter, base: BaseModelInfo) -> list[str]:
