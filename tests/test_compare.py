@@ -92,3 +92,45 @@ def test_cli_prints_lines_or_json_and_errors_name_the_fix(tmp_path):
     assert as_json.exit_code == 0 and json.loads(as_json.output)["tests"]["jailbreak_plain"]["p_value"] == 1.0
     bad = CliRunner().invoke(cli, ["compare", str(run), "x", "why"])
     assert bad.exit_code != 0 and "no model 'why'" in bad.output and "Traceback" not in bad.output
+
+
+def _damage(run, edit, seeds=(0,)):
+    """Apply ``edit(outcomes)`` to the run's item-outcome file, as a hand edit or a damaged copy would."""
+    path = run / ("item_outcomes.json" if len(seeds) == 1 else "item_outcomes_per_seed.json")
+    outcomes = json.loads(path.read_text())
+    per_seed = outcomes if len(seeds) > 1 else {n: {"0": cols} for n, cols in outcomes.items()}
+    edit(per_seed)
+    path.write_text(json.dumps(per_seed if len(seeds) > 1 else {n: v["0"] for n, v in per_seed.items()}))
+    return path
+
+
+@pytest.mark.parametrize("seeds", [(0,), (0, 1)])
+@pytest.mark.parametrize("edit, message", [
+    (lambda o: o["y"]["0"]["jailbreak_plain"].update({"jailbreak_plain:1": "yes"}), r"item 'jailbreak_plain:1': outcome 'yes'"),
+    (lambda o: o["y"]["0"]["jailbreak_plain"].update({"jailbreak_plain:1": float("nan")}), r"outcome nan is not a number in \[0, 1\]"),
+    (lambda o: o["y"]["0"]["jailbreak_plain"].update({"jailbreak_plain:1": 1.5}), r"outcome 1.5 is not"),
+    (lambda o: o["y"]["0"]["jailbreak_plain"].update({"jailbreak_plain:1": True}), r"outcome True is not"),
+    (lambda o: o["y"]["0"].pop("overrefusal"), r"'y', seed 0 has the columns \['jailbreak_plain'\], 'x' seed 0 has"),
+    (lambda o: o["y"]["0"]["jailbreak_plain"].pop("jailbreak_plain:2"), r"column 'jailbreak_plain': 1 item\(s\) of 'x' seed 0 missing \['jailbreak_plain:2'\]"),
+    (lambda o: o["y"]["0"]["jailbreak_plain"].update({"extra": 1.0}), r"0 item\(s\) of 'x' seed 0 missing \[\], 1 item\(s\) it does not have \['extra'\]"),
+    (lambda o: o["y"].update({"0": [1, 0]}), r"expected column -> item -> outcome objects"),
+    (lambda o: o.pop("y"), r"the item outcomes have no model 'y'"),
+])
+def test_damaged_item_outcomes_are_clear_errors_naming_model_seed_column_and_item(tmp_path, seeds, edit, message):
+    """A column or item missing from one model would silently change what the paired tests pair and what the summary
+    scores average; a non-number would end in a numpy traceback. Each is an error naming the file and the fix."""
+    run = _run_folder(tmp_path / "run", {"x": {"jailbreak_plain": [1, 1, 0], "overrefusal": [0, 1, 0]},
+                                          "y": {"jailbreak_plain": [0, 1, 0], "overrefusal": [0, 0, 0]}}, seeds=seeds)
+    path = _damage(run, edit, seeds)
+    with pytest.raises(ConfigError, match=message) as err:
+        compare_models(run, "x", "y")
+    assert str(path) in str(err.value) and "rewrite" in str(err.value)
+    bad = CliRunner().invoke(cli, ["compare", str(run), "x", "y"])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output
+
+
+def test_items_in_another_order_are_paired_by_item_not_by_position(tmp_path):
+    run = _run_folder(tmp_path / "run", {"x": {"jailbreak_plain": [1, 1, 0, 0]}, "y": {"jailbreak_plain": [0, 1, 0, 1]}})
+    before = compare_models(run, "x", "y")["tests"]["jailbreak_plain"]
+    _damage(run, lambda o: o["y"].update({"0": {"jailbreak_plain": dict(reversed(o["y"]["0"]["jailbreak_plain"].items()))}}))
+    assert compare_models(run, "x", "y")["tests"]["jailbreak_plain"] == before

@@ -43,11 +43,55 @@ def read_run(folder: str | Path) -> dict[str, Any]:
                          "a run of several seeds holds its per-seed outcomes there (its item_outcomes.json averages "
                          "them); run the grid again with the same --out to write it (finished stages are reused)")
         items = {name: {int(s): cols for s, cols in per_seed.items()} for name, per_seed in raw.items()}
+    path = folder / ("item_outcomes.json" if len(seeds) == 1 else "item_outcomes_per_seed.json")
     for row in result["rows"]:
         have = sorted(items.get(row["name"], {}))
+        if not have:
+            raise ConfigError(f"{path}: the item outcomes have no model {row['name']!r}, a row of its results.json; "
+                              "run the grid (or sst-merge combine) again with the same --out to rewrite them")
         if have != seeds:
-            raise ConfigError(f"{folder}: the item outcomes of {row['name']!r} cover seeds {have}, the run has {seeds}")
+            raise ConfigError(f"{path}: the item outcomes of {row['name']!r} cover seeds {have}, the run has {seeds}; "
+                              "run the grid (or sst-merge combine) again with the same --out to rewrite them")
+    _check_outcomes(path, items)
     return {**result, "seeds": seeds, "folder": str(folder), "items": items}
+
+
+def _check_outcomes(path: Path, items: dict[str, dict[int, Any]]) -> None:
+    """Raise :class:`ConfigError` naming ``path``, the model, seed, column and item unless every model and seed holds
+    the same columns over the same items, each outcome a number in [0, 1] (a refusal, a correct answer, an F1).
+
+    The paired tests pair two models' outcomes item by item, and the summary scores average the columns a model has:
+    a column or item missing from one model would silently change what is compared. A column whose items come in
+    another order is put in the first model's order, in place."""
+    fix = ("the file was changed or damaged since it was written: run the grid (or sst-merge combine) again with the "
+           "same --out to rewrite it")
+    reference: tuple[str, int, dict[str, dict]] | None = None
+    for name, per_seed in items.items():
+        for seed, columns in per_seed.items():
+            where = f"{path}: {name!r}, seed {seed}"
+            if not isinstance(columns, dict) or not all(isinstance(c, dict) for c in columns.values()):
+                raise ConfigError(f"{where}: expected column -> item -> outcome objects; {fix}")
+            for column, outcomes in columns.items():
+                for item, value in outcomes.items():
+                    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                        raise ConfigError(f"{where}, column {column!r}, item {item!r}: outcome {value!r} is not a "
+                                          f"number in [0, 1]; {fix}")
+            if reference is None:
+                reference = (name, seed, columns)
+                continue
+            ref_name, ref_seed, ref_columns = reference
+            if set(columns) != set(ref_columns):
+                raise ConfigError(f"{where} has the columns {sorted(columns)}, {ref_name!r} seed {ref_seed} has "
+                                  f"{sorted(ref_columns)}; {fix}")
+            for column, ref_items in ref_columns.items():
+                if columns[column].keys() != ref_items.keys():
+                    lacks = [k for k in ref_items if k not in columns[column]]
+                    extra = [k for k in columns[column] if k not in ref_items]
+                    raise ConfigError(f"{where}, column {column!r}: {len(lacks)} item(s) of {ref_name!r} seed "
+                                      f"{ref_seed} missing {lacks[:3]}, {len(extra)} item(s) it does not have "
+                                      f"{extra[:3]}; {fix}")
+                if list(columns[column]) != list(ref_items):
+                    columns[column] = {k: columns[column][k] for k in ref_items}
 
 
 def _read_json(path: Path, fix: str) -> dict:
