@@ -80,6 +80,22 @@ def test_eval_cli_and_bad_data(tiny_base, tmp_path, adapter_factory):
     assert res.exit_code == 2 and "Did you mean 'jailbreak'" in res.stderr
 
 
+
+@pytest.mark.parametrize("args, message", [
+    (["--suite", "jailbreak", "--data", "qa=x.jsonl"], "is for suite 'qa', which this run does not evaluate"),
+    (["--suite", "jailbreak", "--data", "a.jsonl", "--data", "b.jsonl"], "two files ('a.jsonl' and 'b.jsonl')"),
+    (["--suite", "qa", "--suite", "mcq", "--data", "qa=a.jsonl", "--data", "qa=b.jsonl"], "suite 'qa' two files"),
+    (["--suite", "qa", "--suite", "mcq", "--data", "a.jsonl"], "with several suites write SUITE=FILE"),
+])
+def test_eval_data_that_names_no_evaluated_suite_or_one_suite_twice_is_refused(tiny_base, tmp_path, args, message):
+    """A SUITE=FILE for a suite not evaluated used to be read as a file name (a confusing 'no such file'), and a
+    second file for one suite silently replaced the first."""
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(cli, ["eval", "--base", str(tiny_base), *args, "--out", str(out)])
+    assert res.exit_code == 2 and message in res.stderr and "Traceback" not in res.output
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_smollm2_refusal_rises_with_a_refusal_adapter(tmp_path):
     from sstmerge.data.jsonl import bundled_path, load_examples

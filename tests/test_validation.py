@@ -241,3 +241,14 @@ def test_a_recorded_alias_names_the_base_it_stands_for(recorded, spec, folder, s
 
     base = BaseModelInfo(spec=spec, path=Path(folder), config={}, linear_shapes={}, param_shapes={})
     assert _same_base(recorded, base) is same
+
+
+def test_an_adapter_given_twice_is_a_warning_not_a_silent_double(tiny_base, tmp_path, good, adapter_factory):
+    """Listing one folder twice is legal (its update is added twice, as the warning says) but almost always a slip."""
+    safety = adapter_factory()
+    twice = merge_utility_safety(tiny_base, [good, tmp_path / ".." / tmp_path.name / good.name], safety)
+    assert [w for w in twice.report["warnings"] if "given twice as a utility adapter" in w and good.name in w]
+    both = merge_utility_safety(tiny_base, [good], good)
+    assert [w for w in both.report["warnings"] if "both a utility adapter and the safety adapter" in w]
+    apart = merge_utility_safety(tiny_base, [good], safety)
+    assert not [w for w in apart.report["warnings"] if "twice" in w or "both a utility" in w]

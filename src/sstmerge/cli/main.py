@@ -403,18 +403,24 @@ def eval_command(base, adapter, suites, data, templates, limit, max_new_tokens, 
     from rich.table import Table
 
     from ..eval.runner import evaluate, summary_rows
-    from ..eval.suites import REFUSAL_SUITES, EvalSettings
+    from ..eval.suites import REFUSAL_SUITES, SUITES, EvalSettings
     from ..io.atomic import atomic_output_file, check_output_target
 
     data_map: dict[str, str] = {}
     for d in data:
-        if "=" in d and d.split("=", 1)[0] in suites:
+        named = d.split("=", 1)[0] if "=" in d else None
+        if named in suites:
             k, v = d.split("=", 1)
-            data_map[k] = v
+        elif named in SUITES.names() and not Path(d).exists():
+            raise ConfigError(f"--data {d!r} is for suite {named!r}, which this run does not evaluate (--suite "
+                              f"{' '.join(suites)}): add --suite {named}, or drop that --data")
         elif len(suites) == 1:
-            data_map[suites[0]] = d
+            k, v = suites[0], d
         else:
             raise ConfigError(f"--data {d!r}: with several suites write SUITE=FILE (suites: {', '.join(suites)})")
+        if k in data_map:
+            raise ConfigError(f"--data gives suite {k!r} two files ({data_map[k]!r} and {v!r}); give one per suite")
+        data_map[k] = v
     inputs = [base, adapter, templates, *data_map.values()]
     check_output_target(out, overwrite=overwrite, inputs=inputs, is_file=True)  # before the (long) evaluation
     settings = {s: EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine, limit=limit, shots=shots,

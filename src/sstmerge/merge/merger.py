@@ -94,6 +94,27 @@ def _as_adapter(item: LoraAdapter | str | Path, allow_pickle: bool, lazy: bool =
     return item if isinstance(item, LoraAdapter) else read_adapter(item, allow_pickle=allow_pickle, lazy=lazy)
 
 
+def _repeated_inputs(utility: Sequence[LoraAdapter], safety: LoraAdapter | None) -> list[str]:
+    """Warnings (also logged) for an adapter given twice: the same file or folder, or the same in-memory object.
+
+    Legal, and almost always a slip in a script: a utility adapter listed twice adds its update twice (what
+    ``--utility-weights`` says explicitly), and the safety adapter listed as a utility adapter too counts as
+    both."""
+    seen: dict[Any, str] = {}
+    out: list[str] = []
+    roles = [("a utility adapter", a) for a in utility] + ([("the safety adapter", safety)] if safety is not None else [])
+    for role, adapter in roles:
+        key = adapter.path.resolve() if adapter.path is not None else id(adapter)
+        if key in seen:
+            twice = "given twice as a utility adapter: its update is added twice (--utility-weights says that " \
+                "explicitly)" if role == seen[key] else "both a utility adapter and the safety adapter: its update " \
+                "counts as both"
+            out.append(f"{adapter.path or 'an in-memory adapter'} is {twice}; check the inputs if that is not meant")
+            log.warning(out[-1])
+        seen.setdefault(key, role)
+    return out
+
+
 def _describe(adapter: LoraAdapter) -> dict[str, Any]:
     return {
         "path": str(adapter.path) if adapter.path else None,
@@ -165,6 +186,7 @@ class SSTMerger:
             safety_adapter = _as_adapter(safety, self.allow_pickle, lazy) if safety is not None else None
         with timer.stage("validate"):
             everything = utility_adapters + ([safety_adapter] if safety_adapter is not None else [])
+            warnings += _repeated_inputs(utility_adapters, safety_adapter)
             if base is not None:
                 for adapter in everything:
                     warnings += validate_against_base(adapter, base)
