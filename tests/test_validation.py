@@ -15,6 +15,7 @@ from sstmerge import (
     AdapterFormatError,
     AdapterMismatchError,
     ConfigError,
+    ModelError,
     NonFiniteError,
     OutputExistsError,
     PickleRefusedError,
@@ -252,3 +253,30 @@ def test_an_adapter_given_twice_is_a_warning_not_a_silent_double(tiny_base, tmp_
     assert [w for w in both.report["warnings"] if "both a utility adapter and the safety adapter" in w]
     apart = merge_utility_safety(tiny_base, [good], safety)
     assert not [w for w in apart.report["warnings"] if "twice" in w or "both a utility" in w]
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda d: (d / "config.json").write_text("{"), "config.json cannot be read as JSON"),
+    (lambda d: (d / "model.safetensors").unlink(), "has no weight files"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+     "model.safetensors is truncated or not a safetensors file"),
+])
+def test_a_damaged_base_model_folder_is_an_error_naming_the_file(tiny_base, tmp_path, damage, needle):
+    """Loading the base weights (training, evaluation, the Fisher pass) used to end in transformers' or safetensors'
+    traceback; it is one error naming the folder, the damaged file and the fix."""
+    from click.testing import CliRunner
+
+    from sstmerge.cli.main import cli
+    from sstmerge.io.models import load_causal_lm
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    damage(base)
+    with pytest.raises(ModelError, match="cannot load the base model from") as err:
+        load_causal_lm(base)
+    assert needle in str(err.value) and "save or copy it again" in str(err.value)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "hi", "response": "hello"}\n')
+    res = CliRunner().invoke(cli, ["-q", "train", "--base", str(base), "--data", str(data), "--out", str(tmp_path / "A"),
+                                   "--steps", "1"])
+    assert res.exit_code == 2 and "Traceback" not in res.output and not (tmp_path / "A").exists()

@@ -221,13 +221,42 @@ def load_causal_lm(
 
     device = resolve_device(device)
     path = resolve_base(spec, cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except Exception as exc:  # transformers raises OSError, ValueError, safetensors' own error, ... for a bad folder
+        raise ModelError(f"cannot load the base model from {path}: {_diagnose_model_folder(path) or exc}. A model "
+                         "folder holds config.json and its weights (model.safetensors, or shards listed in "
+                         "model.safetensors.index.json) as save_pretrained writes them: save or copy it again") from exc
+    model = model.to(device)
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception:  # a tiny test model may have no tokenizer files
         tokenizer = None
     return model, tokenizer
+
+
+def _diagnose_model_folder(path: Path) -> str | None:
+    """What is wrong with a model folder that failed to load, naming the file (None when nothing is found here):
+    an unreadable config.json, no weight files, a weight file whose safetensors header cannot be read."""
+    from safetensors import safe_open
+
+    config = path / "config.json"
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"{config} cannot be read as JSON ({exc})"
+    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin"))
+    if not weights:
+        return f"{path} has no weight files (*.safetensors or pytorch_model*.bin)"
+    for file in weights:
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except Exception as exc:
+                return f"{file} is truncated or not a safetensors file ({exc})"
+    return None
 
 
 def require_tokenizer(tokenizer, base: str | Path, what: str):
