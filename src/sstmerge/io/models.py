@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,10 +224,14 @@ def load_causal_lm(
     path = resolve_base(spec, cache_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    except Exception as exc:  # transformers raises OSError, ValueError, safetensors' own error, ... for a bad folder
-        raise ModelError(f"cannot load the base model from {path}: {_diagnose_model_folder(path) or exc}. A model "
-                         "folder holds config.json and its weights (model.safetensors, or shards listed in "
-                         "model.safetensors.index.json) as save_pretrained writes them: save or copy it again") from exc
+    except (pickle.UnpicklingError, MemoryError):  # a refused pickle (the CLI says what to do), memory: as they are
+        raise
+    except OSError as exc:
+        if exc.errno is not None:  # the system's own error (permissions, disk): the CLI names the file and errno
+            raise
+        raise _load_failure(path, exc) from exc
+    except Exception as exc:  # transformers raises ValueError, safetensors' own error, ... for a damaged folder
+        raise _load_failure(path, exc) from exc
     model = model.to(device)
     model.eval()
     try:
@@ -234,6 +239,12 @@ def load_causal_lm(
     except Exception:  # a tiny test model may have no tokenizer files
         tokenizer = None
     return model, tokenizer
+
+
+def _load_failure(path: Path, exc: BaseException) -> ModelError:
+    return ModelError(f"cannot load the base model from {path}: {_diagnose_model_folder(path) or exc}. A model folder "
+                      "holds config.json and its weights (model.safetensors, or shards listed in "
+                      "model.safetensors.index.json) as save_pretrained writes them: save or copy it again")
 
 
 def _diagnose_model_folder(path: Path) -> str | None:
