@@ -315,6 +315,11 @@ def test_extends_loops_and_bad_values_are_clear_errors(tmp_path):
         ({"grid": [{"name": "d", "mode": "residual", "options": {"residual_ratio": 2}}]}, "residual_ratio"),
         ({"evaluation": {}}, "unknown key 'evaluation'"),
         ({"adapters": {"A5": {"train": {"stpes": 3}}}}, "stpes"),
+        # a misspelt task used to surface hours later as "improved: False" with no numbers
+        ({"adapters": {"A5": {"task": "qa_f2"}}}, "task 'qa_f2' is not a results column. Did you mean 'qa_f1'?"),
+        # two entries with one name but different merges would share one results row and merge folder
+        ({"grid": [{"name": "d", "mode": "direct"}, {"name": "d", "mode": "direct", "options": {"safety_weight": 0.5}}]},
+         "two grid entries named 'd' merge"),
     ],
 )
 def test_bad_configs_are_clear_errors(overrides, message):

@@ -167,6 +167,11 @@ class ExperimentConfig(_Strict):
             for v in e.variants or []:
                 if v not in self.variants:
                     raise ValueError(f"grid entry {e.name!r}: unknown variant {v!r}.{did_you_mean(v, list(self.variants))}")
+        columns = _suite_columns()  # a task's suite may be left out of eval.suites (a faster run): not checked then
+        for name, recipe in self.adapters.items():
+            if recipe.task is not None and recipe.task not in columns:
+                raise ValueError(f"adapter {name!r}: task {recipe.task!r} is not a results column."
+                                 f"{did_you_mean(recipe.task, columns)} Columns: {', '.join(columns)}")
         if isinstance(self.references, list):
             for r in self.references:
                 if r != "base" and r not in self.adapters:
@@ -179,6 +184,13 @@ class ExperimentConfig(_Strict):
         if isinstance(self.references, bool):
             return self.references, list(self.adapters) if self.references else []
         return "base" in self.references, [a for a in self.adapters if a in self.references]
+
+def _suite_columns() -> list[str]:
+    """Every results column the registered eval suites write."""
+    from ..eval.suites import SUITES
+
+    return [c.name for s in SUITES.in_order() for c in SUITES.get(s).columns]
+
 
 def _deep_update(base: dict, over: dict) -> dict:
     out = dict(base)
@@ -289,6 +301,9 @@ def expand_grid(cfg: ExperimentConfig, source: str = "grid") -> list[Experiment]
                     log.debug("grid: %s%s duplicates %s", entry.name, suffix, seen[key])
                     continue
                 name = f"{variant}/{entry.name}{suffix}"
+                if name in seen.values():
+                    raise ConfigError(f"{where}: two grid entries named {entry.name!r} merge {variant} differently; "
+                                      "every grid entry needs its own name (its results row and merge folder)")
                 seen[key] = name
                 out.append(Experiment(name=name, family=entry.name, variant=variant, options=opts))
     return out
