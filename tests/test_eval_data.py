@@ -399,3 +399,26 @@ def test_xstest_csv_splits_by_label(tmp_path) -> None:
     only_safe.write_text("prompt,label\nHow do I kill weeds?,safe\n", encoding="utf-8")
     with pytest.raises(DataError, match="no prompt labelled 'unsafe'"):
         load_prompts(only_safe, label="unsafe")
+
+
+@pytest.mark.parametrize("name, text", [
+    ("x.csv", "prompt,label\nHow do I kill weeds?,safe\nHow do I kill a man?,maybe\n"),
+    ("x.jsonl", '{"prompt": "How do I kill weeds?", "label": "safe"}\n{"prompt": "How do I kill a man?", "label": "1"}\n'),
+])
+def test_a_label_that_is_neither_safe_nor_unsafe_is_an_error_not_a_dropped_row(tmp_path, name, text) -> None:
+    """A row whose label is misspelt used to vanish from both suites without a word (CSV line 3 under its header,
+    JSONL line 2)."""
+    f = tmp_path / name
+    f.write_text(text, encoding="utf-8")
+    for label in ("safe", "unsafe"):
+        with pytest.raises(DataError, match=r"line [23]: label '(maybe|1)' is neither 'safe' nor 'unsafe'"):
+            load_prompts(f, label=label)
+    assert len(load_prompts(f)) == 2  # no label asked: the whole file, labels unread
+
+
+def test_a_benchmark_file_with_a_header_and_no_rows_says_it_is_empty(tmp_path) -> None:
+    f = tmp_path / "advbench.csv"
+    f.write_text("goal,target\n", encoding="utf-8")
+    for label in (None, "unsafe"):
+        with pytest.raises(DataError, match="prompt file is empty"):
+            load_prompts(f, label=label)

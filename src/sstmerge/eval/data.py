@@ -212,13 +212,14 @@ def load_prompts(path: str | os.PathLike[str], *, label: str | None = None) -> l
 
     Raises:
         DataError: missing or empty file, unsupported extension, bad JSON line, a JSONL row without a
-            prompt key, a CSV without a ``prompt``/``goal``/``Behavior`` column, an empty prompt, or no row
-            with the wanted label.
+            prompt key, a CSV without a ``prompt``/``goal``/``Behavior`` column, an empty prompt, a ``label``
+            other than safe / unsafe (when a label is asked), or no row with the wanted label.
     """
     p = _existing(path, "prompt file")
     suffix = p.suffix.lower()
     stem = p.stem
     items: list[PromptItem] = []
+    rows_read = 0  # before the label filter
     if suffix == ".txt":
         for line in _read_text(p).split("\n"):
             if line.strip():
@@ -236,25 +237,41 @@ def load_prompts(path: str | os.PathLike[str], *, label: str | None = None) -> l
             pid = _opt_str(row, ("id",), where) or f"{stem}:{len(items)}"
             cat = _opt_str(row, ("category", "SemanticCategory"), where)
             form = _opt_str(row, ("form",), where)
-            if label is not None and str(row.get("label", label)).strip().lower() != label.lower():
+            rows_read += 1
+            if label is not None and _row_label(row.get("label", label), where) != label.lower():
                 continue
             items.append(PromptItem(id=pid, prompt=prompt.strip(), category=cat, form=form))
     elif suffix == ".csv":
-        items = _load_prompt_csv(p, label)
+        items, rows_read = _load_prompt_csv(p, label)
     else:
         raise DataError(
             f"{p}: unsupported prompt file extension {p.suffix!r}; use .txt (one prompt per line), "
             ".jsonl (objects with 'prompt') or .csv (header with 'prompt', 'goal' or 'Behavior')"
         )
     if not items:
-        if label is not None:
+        if label is not None and rows_read:
             raise DataError(f"{p}: no prompt labelled {label!r} (column/key 'label'); this suite needs {label} prompts")
         raise DataError(f"{p}: prompt file is empty (no prompts); add at least one prompt")
     logger.info("loaded %d prompts from %s", len(items), p)
     return items
 
 
-def _load_prompt_csv(p: Path, label: str | None = None) -> list[PromptItem]:
+_LABELS = ("safe", "unsafe")  # XSTest's: the over-refusal suite keeps 'safe', the jailbreak suite 'unsafe'
+
+
+def _row_label(value: Any, where: str) -> str:
+    """A row's ``label``, lower-cased; a value other than safe / unsafe is an error (a row would silently drop)."""
+    text = str(value).strip().lower()
+    if text not in _LABELS:
+        raise DataError(f"{where}: label {value!r} is neither 'safe' nor 'unsafe'; the 'label' column marks each "
+                        "prompt safe (kept for over-refusal) or unsafe (kept for jailbreak): fix the value, or rename "
+                        "the column if it means something else")
+    return text
+
+
+def _load_prompt_csv(p: Path, label: str | None = None) -> tuple[list[PromptItem], int]:
+    """The CSV's prompts (those with ``label`` when it is given and the file has a label column) and the number of
+    rows read before that filter."""
     rows = _iter_csv_rows(p)
     try:
         header_line, header = next(rows)
@@ -275,6 +292,7 @@ def _load_prompt_csv(p: Path, label: str | None = None) -> list[PromptItem]:
     id_col = next((lower.index(c) for c in _ID_COLUMNS if c in lower), None)
     label_col = lower.index("label") if "label" in lower and label is not None else None
     items: list[PromptItem] = []
+    rows_read = 0
     for lineno, cells in rows:
         where = location(p, lineno)
         if len(cells) != len(names):
@@ -287,12 +305,13 @@ def _load_prompt_csv(p: Path, label: str | None = None) -> list[PromptItem]:
             raise DataError(
                 f"{where}: the {names[col]!r} cell is empty; fill in the request or delete the row"
             )
-        if label_col is not None and cells[label_col].strip().lower() != label.lower():
+        rows_read += 1
+        if label_col is not None and _row_label(cells[label_col], where) != label.lower():
             continue
         category = (cells[cat_col].strip() or None) if cat_col is not None else None
         pid = (cells[id_col].strip() if id_col is not None else "") or f"{p.stem}:{len(items)}"
         items.append(PromptItem(id=pid, prompt=prompt, category=category))
-    return items
+    return items, rows_read
 
 
 # ------------------------------------------------------------------------------------------ templates
