@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..registry import did_you_mean
 from .aggregate import add_per_seed_tests, average_seeds, compare
 from .combine import read_run
-from .results import _fmt, gap_text, table_columns
+from .results import format_value, gap_text, table_columns
 
 SUMMARY_SCORES = ("safety", "utility")
 
@@ -60,6 +60,6 @@ def comparison_lines(comparison: dict[str, Any]) -> list[str]:
              "p < 0.05 is significant, no multiple-comparison correction); each seed's own difference, * where "
              "its own test is significant", ""]
     for key, test in comparison["tests"].items():
-        lines.append(f"- {key}: {_fmt(comparison['values'][a][key])} vs {_fmt(comparison['values'][b][key])}: "
+        lines.append(f"- {key}: {format_value(comparison['values'][a][key])} vs {format_value(comparison['values'][b][key])}: "
                      f"{gap_text(test, mark=True)}")
     return lines

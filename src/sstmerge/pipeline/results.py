@@ -90,7 +90,8 @@ def task_gains(cfg: ExperimentConfig, rows: list[dict]) -> dict[str, Any]:
                            "improved": (a is not None and b is not None and a > b)}
     return gains
 
-def _fmt(v: Any) -> str:
+def format_value(v: Any) -> str:
+    """A table cell's number: a rate (0-1 float) as a percentage with one decimal, None as '–', else as is."""
     return "–" if v is None else f"{100 * v:.1f}" if isinstance(v, float) else str(v)
 
 
@@ -99,7 +100,7 @@ def _cell(r: dict, col: str) -> str:
     v = r.get(col)
     if v is None:
         return "–"
-    text = _fmt(v)
+    text = format_value(v)
     if r.get(f"{col}_sd") is not None:
         text += f" ±{100 * r[f'{col}_sd']:.1f}"
     ci = (r.get("intervals") or {}).get(col)
@@ -193,7 +194,7 @@ def results_markdown(result: dict[str, Any]) -> str:
             parts = [("", _merge_fact_bits(r.get("merge_facts") or {}))]
         if any(bits for _, bits in parts):
             notes.append(f"- {r['name']}: " + " | ".join(lead + "; ".join(bits) for lead, bits in parts if bits))
-    gains = "\n".join(f"- {n} on `{g['task']}`: base {_fmt(g['base'])} → adapter {_fmt(g['adapter'])}"
+    gains = "\n".join(f"- {n} on `{g['task']}`: base {format_value(g['base'])} → adapter {format_value(g['adapter'])}"
                       f" ({'improved' if g['improved'] else 'NOT improved'})" for n, g in result["adapter_task_gain"].items())
     seeds = result.get("seeds") or [result.get("config", {}).get("seed")]
     seed_lines = per_seed_lines(result)
@@ -298,5 +299,5 @@ def summary_table(result: dict[str, Any]) -> str:
     widths = [max(6, len(label)) for label in labels]
     lines = [f"{'model':44s} " + " ".join(f"{label:>{w}s}" for label, w in zip(labels, widths))]
     for r in result["rows"]:
-        lines.append(f"{r['name'][:44]:44s} " + " ".join(f"{_fmt(r.get(c)):>{w}s}" for c, w in zip(cols, widths)))
+        lines.append(f"{r['name'][:44]:44s} " + " ".join(f"{format_value(r.get(c)):>{w}s}" for c, w in zip(cols, widths)))
     return "\n".join(lines)
