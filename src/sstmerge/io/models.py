@@ -252,12 +252,14 @@ def _diagnose_model_folder(path: Path) -> str | None:
     an unreadable config.json, no weight files, a weight file whose safetensors header cannot be read."""
     from safetensors import safe_open
 
+    from .hashing import model_files
+
     config = path / "config.json"
     try:
         json.loads(config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         return f"{config} cannot be read as JSON ({exc})"
-    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin"))
+    weights = [f for f in model_files(path) if f.suffix in (".safetensors", ".bin")]
     if not weights:
         return f"{path} has no weight files (*.safetensors or pytorch_model*.bin)"
     for file in weights:

@@ -102,13 +102,16 @@ def _repeated_inputs(utility: Sequence[LoraAdapter], safety: LoraAdapter | None)
     both."""
     seen: dict[Any, str] = {}
     out: list[str] = []
-    roles = [("a utility adapter", a) for a in utility] + ([("the safety adapter", safety)] if safety is not None else [])
+    roles = [("a utility adapter", a) for a in utility]
+    roles += [("the safety adapter", safety)] if safety is not None else []
     for role, adapter in roles:
         key = adapter.path.resolve() if adapter.path is not None else id(adapter)
         if key in seen:
-            twice = "given twice as a utility adapter: its update is added twice (--utility-weights says that " \
-                "explicitly)" if role == seen[key] else "both a utility adapter and the safety adapter: its update " \
-                "counts as both"
+            if role == seen[key]:
+                twice = ("given twice as a utility adapter: its update is added twice (--utility-weights says that "
+                         "explicitly)")
+            else:
+                twice = "both a utility adapter and the safety adapter: its update counts as both"
             out.append(f"{adapter.path or 'an in-memory adapter'} is {twice}; check the inputs if that is not meant")
             log.warning(out[-1])
         seen.setdefault(key, role)

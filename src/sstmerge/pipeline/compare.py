@@ -59,7 +59,8 @@ def comparison_lines(comparison: dict[str, Any]) -> list[str]:
              "paired test on the seed-averaged items (exact McNemar for 0/1 outcomes, else paired bootstrap; "
              "p < 0.05 is significant, no multiple-comparison correction); each seed's own difference, * where "
              "its own test is significant", ""]
+    values = comparison["values"]
     for key, test in comparison["tests"].items():
-        lines.append(f"- {key}: {format_value(comparison['values'][a][key])} vs {format_value(comparison['values'][b][key])}: "
+        lines.append(f"- {key}: {format_value(values[a][key])} vs {format_value(values[b][key])}: "
                      f"{gap_text(test, mark=True)}")
     return lines

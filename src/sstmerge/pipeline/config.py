@@ -167,7 +167,9 @@ class ExperimentConfig(_Strict):
             for v in e.variants or []:
                 if v not in self.variants:
                     raise ValueError(f"grid entry {e.name!r}: unknown variant {v!r}.{did_you_mean(v, list(self.variants))}")
-        columns = _suite_columns()  # a task's suite may be left out of eval.suites (a faster run): not checked then
+        from .results import table_columns
+
+        columns = [c.name for c in table_columns()]  # every suite's: a task's suite may be left out of eval.suites
         for name, recipe in self.adapters.items():
             if recipe.task is not None and recipe.task not in columns:
                 raise ValueError(f"adapter {name!r}: task {recipe.task!r} is not a results column."
@@ -184,13 +186,6 @@ class ExperimentConfig(_Strict):
         if isinstance(self.references, bool):
             return self.references, list(self.adapters) if self.references else []
         return "base" in self.references, [a for a in self.adapters if a in self.references]
-
-def _suite_columns() -> list[str]:
-    """Every results column the registered eval suites write."""
-    from ..eval.suites import SUITES
-
-    return [c.name for s in SUITES.in_order() for c in SUITES.get(s).columns]
-
 
 def _deep_update(base: dict, over: dict) -> dict:
     out = dict(base)
