@@ -31,8 +31,8 @@ a data file N times (the default already lists ``bundled:contrast_train`` twice,
     python scripts/select_a7.py --label R4a --out /tmp/a7 --data bundled:harmful_train ... --data bundled:benign_train
 
 Trained adapters are kept in ``--out`` (``A7-LABEL-seedN``) and reused when the script is run again with the same
-label, whatever the options: give each candidate its own label. One A7 trains in about 8 minutes on 2 CPU cores
-(240 steps).
+label, whatever the options: give each candidate its own label. One A7 (240 steps) trains in about 8 minutes on a
+2-core AVX-512 CPU at rank 8, and in about 20 minutes on a 2-core AVX2 CPU at rank 8 or 16.
 """
 
 from __future__ import annotations
