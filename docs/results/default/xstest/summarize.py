@@ -12,7 +12,7 @@ import numpy as np
 
 from sstmerge.eval import stats
 from sstmerge.pipeline.aggregate import add_per_seed_tests, average_seeds, column_outcomes, compare
-from sstmerge.pipeline.results import table_columns
+from sstmerge.pipeline.results import gap_text, table_columns
 
 root = Path(sys.argv[1])
 SEEDS = [0, 1, 2]
@@ -33,7 +33,7 @@ avg = {m: average_seeds([per_seed[m][s] for s in SEEDS]) for m in models}
 
 def rate(o: dict) -> str:
     v = list(o.values())
-    iv = stats.wilson_interval(int(round(sum(v))), len(v)) if all(x in (0, 1) for x in v) else None
+    iv = stats.wilson_interval(int(round(sum(v))), len(v)) if stats.is_binary(v) else None
     return f"{100 * np.mean(v):.1f}" + (f" [{100 * iv.low:.0f}–{100 * iv.high:.0f}]" if iv else "")
 
 
@@ -44,14 +44,7 @@ def cell(m: str, c: str) -> str:
 
 def pair(m: str, ref: str) -> str:
     tests = add_per_seed_tests(compare(avg[m], avg[ref], columns), per_seed[m], per_seed[ref], columns)
-    parts = []
-    for key in SHOWN + ["safety"]:
-        t = tests[key]
-        seeds = ", ".join(f"{100 * v['difference']:+.1f}{'*' if v['significant'] else ''}" for v in t["per_seed"].values())
-        p = "p < 0.001" if t["p_value"] < 0.001 else f"p = {t['p_value']:.3f}"
-        parts.append(f"{key} {100 * t['difference']:+.1f} ({p}; {seeds}{'; every seed' if t['every_seed'] else ''})")
-    return "; ".join(parts)
-
+    return "; ".join(f"{key} {gap_text(tests[key])}" for key in SHOWN + ["safety"])
 
 print("| model | " + " | ".join(SHOWN) + " |")
 print("|---|" + "---:|" * len(SHOWN))
@@ -60,8 +53,8 @@ for m in models:
     print(f"| {m.replace('__', '/')} | " + " | ".join(cell(m, c) for c in SHOWN) + " |")
 print()
 print("safety = mean of the two refusal columns. Against A5+A6+A7/direct (difference in points; seed-averaged "
-      "paired test; each seed's own difference, * where its own test is significant; 'every seed' where all three "
-      "are significant with the same sign):")
+      "paired test; each seed's own difference, * where its own test is significant; 'holds in every seed' where "
+      "all three are significant with the same sign):")
 print()
 
 
